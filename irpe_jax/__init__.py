@@ -1,0 +1,49 @@
+"""irpe_jax: image relative position encoding (iRPE) for JAX and Flax.
+
+A JAX/Flax implementation of "Rethinking and Improving Relative Position
+Encoding for Vision Transformer" (Wu et al., ICCV 2021), bit-exact with the
+original PyTorch release. Linen modules live here; NNX twins in
+`irpe_jax.nnx`.
+"""
+
+from irpe_jax.attention import attention_with_rpe
+from irpe_jax.attention import IRPEAttention
+from irpe_jax.buckets import clip_index
+from irpe_jax.buckets import get_bucket_ids_2d
+from irpe_jax.buckets import piecewise_index
+from irpe_jax.config import get_rpe_config
+from irpe_jax.config import get_single_rpe_config
+from irpe_jax.config import parse_rpe_string
+from irpe_jax.config import RPEConfig
+from irpe_jax.config import SingleRPEConfig
+from irpe_jax.core import rpe_lookup
+from irpe_jax.initializers import torch_xavier_uniform
+from irpe_jax.linen import build_rpe
+from irpe_jax.linen import IRPE
+from irpe_jax.linen import IRPECross
+from irpe_jax.ops import bucket_gather
+from irpe_jax.ops import bucket_scatter
+from irpe_jax.ops import IMPLS
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'attention_with_rpe',
+    'bucket_gather',
+    'bucket_scatter',
+    'build_rpe',
+    'clip_index',
+    'get_bucket_ids_2d',
+    'get_rpe_config',
+    'get_single_rpe_config',
+    'IMPLS',
+    'IRPE',
+    'IRPEAttention',
+    'IRPECross',
+    'parse_rpe_string',
+    'piecewise_index',
+    'RPEConfig',
+    'rpe_lookup',
+    'SingleRPEConfig',
+    'torch_xavier_uniform',
+)

@@ -1,0 +1,236 @@
+"""Multi-head self-attention with iRPE on q, k and/or v (SPEC section 5).
+
+`attention_with_rpe` is the functional core, shared by the Linen
+`IRPEAttention` here and its NNX twin in `irpe_jax.nnx`.
+"""
+
+from typing import Any, Callable, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from irpe_jax import config as config_lib
+from irpe_jax import linen as rpe_linen
+
+# (x, height, width) -> encoding, as the IRPE modules are called.
+RPEFn = Callable[[jax.Array, Optional[int], Optional[int]], jax.Array]
+
+
+def check_mask(mask: Optional[jax.Array], batch: int, num_heads: int,
+               length: int) -> None:
+  """Raises unless `mask` is boolean and broadcastable to `(B, H, L, L)`."""
+  if mask is None:
+    return
+  if mask.dtype != jnp.bool_:
+    raise TypeError(f'mask must be boolean (True = attend), got dtype '
+                    f'{mask.dtype}.')
+  target = (batch, num_heads, length, length)
+  if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target)):
+    raise ValueError(f'mask of shape {mask.shape} does not broadcast to '
+                     f'(B, H, L, L) = {target}; for key padding pass '
+                     f'mask[:, None, None, :].')
+
+
+def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                       scale: float,
+                       rpe_q: Optional[RPEFn] = None,
+                       rpe_k: Optional[RPEFn] = None,
+                       rpe_v: Optional[RPEFn] = None,
+                       mask: Optional[jax.Array] = None,
+                       dropout: Optional[Callable[[jax.Array], jax.Array]] = None,
+                       height: Optional[int] = None,
+                       width: Optional[int] = None) -> jax.Array:
+  """The release's RPEAttention core on per-head arrays.
+
+  Args:
+    q: `(B, H, L, D)` queries, unscaled.
+    k: `(B, H, L, D)` keys.
+    v: `(B, H, L, D)` values.
+    scale: query scale, usually `D ** -0.5`.
+    rpe_q: encoding of keys, added transposed to the logits.
+    rpe_k: encoding of queries, added to the logits.
+    rpe_v: encoding of the attention weights, added to the output.
+    mask: boolean, broadcastable to `(B, H, L, L)`, True = attend; applied
+      after the iRPE terms.
+    dropout: applied to the attention weights.
+    height: rows of the token grid (static).
+    width: columns of the token grid (static).
+
+  Returns:
+    `(B, H, L, D)` attention output, before the heads are merged.
+  """
+  dtype = q.dtype
+  q = q * jnp.asarray(scale, dtype)
+  logits = jnp.einsum('bhid,bhjd->bhij', q, k)
+  if rpe_k is not None:
+    logits = logits + rpe_k(q, height, width)
+  if rpe_q is not None:
+    logits = logits + jnp.swapaxes(
+        rpe_q(k * jnp.asarray(scale, dtype), height, width), -1, -2)
+  logits = logits.astype(jnp.float32)  # softmax in fp32 even under bf16.
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  if dropout is not None:
+    weights = dropout(weights)
+  out = jnp.einsum('bhij,bhjd->bhid', weights, v)
+  if rpe_v is not None:
+    out = out + rpe_v(weights, height, width)
+  return out
+
+
+def check_inputs(inputs_q, inputs_k, inputs_v, num_heads):
+  """Checks shapes; returns `(inputs_k, inputs_v, head_dim)`."""
+  inputs_k = inputs_q if inputs_k is None else inputs_k
+  inputs_v = inputs_k if inputs_v is None else inputs_v
+  for name, x in (('inputs_q', inputs_q), ('inputs_k', inputs_k),
+                  ('inputs_v', inputs_v)):
+    if x.ndim != 3:
+      raise ValueError(f'{name} must have rank 3 (B, N, C), got shape '
+                       f'{x.shape}.')
+    if x.shape != inputs_q.shape:
+      raise ValueError(f'{name} has shape {x.shape}; iRPE self-attention '
+                       f'needs all inputs of the shape of inputs_q, '
+                       f'{inputs_q.shape}.')
+  features = inputs_q.shape[-1]
+  if features % num_heads:
+    raise ValueError(f'The feature size {features} is not divisible by '
+                     f'num_heads={num_heads}.')
+  return inputs_k, inputs_v, features // num_heads
+
+
+def split_qkv(kernel, bias, inputs_q, inputs_k, inputs_v, num_heads, dtype):
+  """Projects to per-head `(B, H, N, D)` q, k, v with one `(C, 3C)` kernel.
+
+  Self-attention takes one matmul; distinct inputs (DETR's q = k = src + pos,
+  v = src) use the matching third of the kernel each.
+  """
+  batch, length, features = inputs_q.shape
+  head_dim = features // num_heads
+  kernel = kernel.astype(dtype)
+  bias = None if bias is None else bias.astype(dtype)
+
+  def project(x, first, count):
+    """Heads of thirds `first .. first + count` of the kernel."""
+    cols = slice(first * features, (first + count) * features)
+    y = jnp.dot(x.astype(dtype), kernel[:, cols])
+    if bias is not None:
+      y = y + bias[cols]
+    y = y.reshape(batch, length, count, num_heads, head_dim)
+    return [y[:, :, i] for i in range(count)]
+
+  if inputs_k is inputs_q and inputs_v is inputs_q:
+    q, k, v = project(inputs_q, 0, 3)
+  elif inputs_k is inputs_q:
+    (q, k), (v,) = project(inputs_q, 0, 2), project(inputs_v, 2, 1)
+  else:
+    (q,), (k,), (v,) = (project(x, i, 1)
+                        for i, x in enumerate((inputs_q, inputs_k, inputs_v)))
+  return tuple(jnp.swapaxes(t, 1, 2) for t in (q, k, v))
+
+
+class QKVProjection(nn.Module):
+  """The release's `qkv` Linear: `kernel (C, 3C)` (= torch weight.T), `bias`."""
+  num_heads: int
+  use_bias: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs_q, inputs_k, inputs_v):
+    features = inputs_q.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (features, 3 * features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (3 * features,),
+                       self.param_dtype) if self.use_bias else None)
+    dtype = self.dtype or jnp.result_type(inputs_q, kernel)
+    return split_qkv(kernel, bias, inputs_q, inputs_k, inputs_v,
+                     self.num_heads, dtype)
+
+
+class IRPEAttention(nn.Module):
+  """Multi-head self-attention with iRPE, as RPEAttention of the release.
+
+  Example:
+    >>> cfg = irpe_jax.get_rpe_config(ratio=1.9, method='product',
+    ...                               mode='ctx', shared_head=True, skip=1)
+    >>> attn = irpe_jax.IRPEAttention(num_heads=6, rpe_config=cfg)
+    >>> y = attn.apply(params, x)  # x: (B, 1 + 14 * 14, 384)
+
+  Attributes:
+    num_heads: attention heads; the feature size must divide by it.
+    rpe_config: an `RPEConfig` from `get_rpe_config`, or None (plain MHSA).
+    qkv_bias: bias in the qkv projection.
+    qk_scale: query scale; default `head_dim ** -0.5`.
+    dropout_rate: dropout on the attention weights.
+    proj_dropout_rate: dropout after the output projection.
+    dtype: computation dtype (softmax stays float32).
+    param_dtype: parameter dtype.
+    kernel_init: initializer of the qkv and proj kernels.
+    bias_init: initializer of their biases.
+    impl: iRPE lookup implementation, see `irpe_jax.ops`.
+    table_init: initializer of the iRPE tables; zeros as in the release.
+  """
+  num_heads: int
+  rpe_config: Optional[config_lib.RPEConfig] = None
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  dropout_rate: float = 0.0
+  proj_dropout_rate: float = 0.0
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  impl: str = 'auto'
+  table_init: Any = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_k: Optional[jax.Array] = None,
+               inputs_v: Optional[jax.Array] = None, *,
+               height: Optional[int] = None, width: Optional[int] = None,
+               mask: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    """Attends over `(B, N, C)` inputs; k and v default to q.
+
+    Args:
+      inputs_q: `(B, N, C)` queries' input.
+      inputs_k: `(B, N, C)` keys' input; default `inputs_q`.
+      inputs_v: `(B, N, C)` values' input; default `inputs_k`.
+      height: rows of the token grid (static); default `floor(sqrt(N))`.
+      width: columns of the token grid (static).
+      mask: boolean, broadcastable to `(B, H, N, N)`, True = attend.
+      deterministic: disables dropout when True.
+
+    Returns:
+      `(B, N, C)`.
+    """
+    inputs_k, inputs_v, head_dim = check_inputs(inputs_q, inputs_k, inputs_v,
+                                                self.num_heads)
+    batch, length, features = inputs_q.shape
+    check_mask(mask, batch, self.num_heads, length)
+    q, k, v = QKVProjection(
+        self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
+        self.kernel_init, self.bias_init, name='qkv')(inputs_q, inputs_k,
+                                                       inputs_v)
+    rpe_kwargs = dict(impl=self.impl, table_init=self.table_init,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+    cfg = self.rpe_config or config_lib.RPEConfig()
+    rpes = {
+        name: rpe_linen.build_single_rpe(getattr(cfg, name), name != 'rpe_v',
+                                         head_dim, self.num_heads, name=name,
+                                         **rpe_kwargs)
+        for name in ('rpe_q', 'rpe_k', 'rpe_v')}
+    dropout = None
+    if self.dropout_rate > 0 and not deterministic:
+      dropout = nn.Dropout(self.dropout_rate, deterministic=False)
+    out = attention_with_rpe(
+        q, k, v, scale=self.qk_scale or head_dim ** -0.5, mask=mask,
+        dropout=dropout, height=height, width=width, **rpes)
+    out = jnp.swapaxes(out, 1, 2).reshape(batch, length, features)
+    out = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=self.kernel_init, bias_init=self.bias_init,
+                   name='proj')(out)
+    return nn.Dropout(self.proj_dropout_rate)(out, deterministic=deterministic)
