@@ -40,7 +40,9 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        mask: Optional[jax.Array] = None,
                        dropout: Optional[Callable[[jax.Array], jax.Array]] = None,
                        height: Optional[int] = None,
-                       width: Optional[int] = None) -> jax.Array:
+                       width: Optional[int] = None,
+                       weights_hook: Optional[Callable[[jax.Array], None]] = None
+                       ) -> jax.Array:
   """The release's RPEAttention core on per-head arrays.
 
   Args:
@@ -56,6 +58,8 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     dropout: applied to the attention weights.
     height: rows of the token grid (static).
     width: columns of the token grid (static).
+    weights_hook: called with the `(B, H, L, L)` attention weights before
+      dropout (for example to `sow` them for visualisation).
 
   Returns:
     `(B, H, L, D)` attention output, before the heads are merged.
@@ -72,6 +76,8 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  if weights_hook is not None:
+    weights_hook(weights)
   if dropout is not None:
     weights = dropout(weights)
   out = jnp.einsum('bhij,bhjd->bhid', weights, v)
@@ -202,10 +208,12 @@ class IRPEAttention(nn.Module):
       height: rows of the token grid (static); default `floor(sqrt(N))`.
       width: columns of the token grid (static).
       mask: boolean, broadcastable to `(B, H, N, N)`, True = attend.
-      deterministic: disables dropout when True.
+        deterministic: disables dropout when True.
 
     Returns:
-      `(B, N, C)`.
+      `(B, N, C)`. The attention weights `(B, H, N, N)` are sown as
+      `intermediates/attention_weights` (apply with
+      `mutable=['intermediates']` to read them).
     """
     inputs_k, inputs_v, head_dim = check_inputs(inputs_q, inputs_k, inputs_v,
                                                 self.num_heads)
@@ -228,7 +236,10 @@ class IRPEAttention(nn.Module):
       dropout = nn.Dropout(self.dropout_rate, deterministic=False)
     out = attention_with_rpe(
         q, k, v, scale=self.qk_scale or head_dim ** -0.5, mask=mask,
-        dropout=dropout, height=height, width=width, **rpes)
+        dropout=dropout, height=height, width=width,
+        weights_hook=lambda w: self.sow('intermediates', 'attention_weights',
+                                        w),
+        **rpes)
     out = jnp.swapaxes(out, 1, 2).reshape(batch, length, features)
     out = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=self.kernel_init, bias_init=self.bias_init,
