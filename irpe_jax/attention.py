@@ -208,7 +208,7 @@ class IRPEAttention(nn.Module):
       height: rows of the token grid (static); default `floor(sqrt(N))`.
       width: columns of the token grid (static).
       mask: boolean, broadcastable to `(B, H, N, N)`, True = attend.
-        deterministic: disables dropout when True.
+      deterministic: disables dropout when True.
 
     Returns:
       `(B, N, C)`. The attention weights `(B, H, N, N)` are sown as
