@@ -1,0 +1,1 @@
+"""Experiments with irpe_jax: benchmarks, training and evaluation."""
