@@ -1,0 +1,24 @@
+"""DeiT models with iRPE, their registry and the NNX bridge.
+
+    >>> from irpe_jax import models
+    >>> model = models.create_model('deit_tiny_patch16_224_ctx_product_50_shared_k')
+    >>> models.list_models('*_shared_qkv')
+"""
+
+from irpe_jax.models.registry import create_model
+from irpe_jax.models.registry import list_models
+from irpe_jax.models.registry import model_kwargs
+from irpe_jax.models.registry import PRETRAINED
+from irpe_jax.models.registry import RELEASED
+from irpe_jax.models.vit import resample_posemb
+from irpe_jax.models.vit import VisionTransformer
+
+__all__ = (
+    'create_model',
+    'list_models',
+    'model_kwargs',
+    'PRETRAINED',
+    'RELEASED',
+    'resample_posemb',
+    'VisionTransformer',
+)
