@@ -1,0 +1,161 @@
+"""Bucket ids: exact parity with the release, and their invariants."""
+
+import math
+
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+
+import irpe_jax
+from irpe_jax import buckets
+import golden
+
+BUCKET_CASES = golden.cases('buckets')
+METHODS = ('euc', 'quant', 'product', 'cross_rows', 'cross_cols')
+DIRECTED = ('product', 'cross_rows', 'cross_cols')
+ratios = st.sampled_from([0.5, 1.0, 1.9, 2.0, 3.7, 20.0, 33.0])
+grids = st.tuples(st.integers(1, 7), st.integers(1, 7))
+
+
+@pytest.mark.parametrize('case,arrays', BUCKET_CASES,
+                         ids=[c['key'] for c, _ in BUCKET_CASES])
+def test_bucket_ids_match_release_exactly(case, arrays):
+  ids, num_buckets = irpe_jax.get_bucket_ids_2d(
+      case['method'], case['height'], case['width'], case['skip'],
+      case['alpha'], case['beta'], case['gamma'])
+  expected = golden.GOLDEN_DIR / 'buckets.npz'
+  np.testing.assert_array_equal(ids, np.load(expected)[case['key']])
+  assert ids.dtype == np.int32
+  assert num_buckets == case['num_buckets']
+
+
+def test_piecewise_index_matches_spec_formula():
+  alpha, beta, gamma = 1.9, 3.8, 15.2
+  x = np.arange(-40, 41)
+  got = irpe_jax.piecewise_index(x, alpha, beta, gamma)
+  for xi, gi in zip(x, got):
+    if abs(xi) <= alpha:
+      expected = xi
+    else:
+      expected = math.copysign(min(beta, round(
+          alpha + math.log(abs(xi) / alpha) / math.log(gamma / alpha) *
+          (beta - alpha))), xi)
+    assert gi == int(expected), (xi, gi, expected)
+
+
+@given(st.lists(st.floats(-500, 500, width=32), min_size=1, max_size=50),
+       ratios)
+def test_piecewise_index_is_odd_monotone_and_saturates(values, ratio):
+  x = np.sort(np.asarray(values, np.float32))
+  y = irpe_jax.piecewise_index(x, ratio, 2 * ratio, 8 * ratio)
+  beta_int = int(2 * ratio)
+  assert np.all(np.diff(y) >= 0)
+  assert np.all(np.abs(y) <= max(beta_int, int(round(ratio))))
+  np.testing.assert_array_equal(
+      irpe_jax.piecewise_index(-x, ratio, 2 * ratio, 8 * ratio), -y)
+
+
+def test_clip_index_clips_to_beta_int():
+  x = np.arange(-10, 11)
+  np.testing.assert_array_equal(
+      irpe_jax.clip_index(x, 1.9, 3.8, 15.2), np.clip(x, -3, 3))
+
+
+def _offset(height, width, skip, i, j):
+  """Row and column offset of query i and key j (spatial tokens)."""
+  (ri, ci), (rj, cj) = divmod(i - skip, width), divmod(j - skip, width)
+  return ri - rj, ci - cj
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(METHODS), ratios, grids, st.integers(0, 2))
+def test_bucket_ids_depend_only_on_offset(method, ratio, grid, skip):
+  height, width = grid
+  ids, _ = irpe_jax.get_bucket_ids_2d(method, height, width, skip, ratio,
+                                      2 * ratio, 8 * ratio)
+  seen = {}
+  n = skip + height * width
+  for i in range(skip, n):
+    for j in range(skip, n):
+      seen.setdefault(_offset(height, width, skip, i, j), set()).add(ids[i, j])
+  assert all(len(v) == 1 for v in seen.values())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(METHODS), ratios, grids, st.integers(0, 2))
+def test_bucket_ids_in_range_and_skip_bucket_is_last(method, ratio, grid,
+                                                     skip):
+  height, width = grid
+  ids, num_buckets = irpe_jax.get_bucket_ids_2d(
+      method, height, width, skip, ratio, 2 * ratio, 8 * ratio)
+  assert ids.shape == (skip + height * width,) * 2
+  assert ids.min() >= 0 and ids.max() < num_buckets
+  if skip:
+    assert np.all(ids[:skip] == num_buckets - 1)
+    assert np.all(ids[:, :skip] == num_buckets - 1)
+    assert np.all(ids[skip:, skip:] < num_buckets - 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from(METHODS), ratios, grids)
+def test_undirected_symmetric_directed_mirrored(method, ratio, grid):
+  ids, num_buckets = irpe_jax.get_bucket_ids_2d(
+      method, grid[0], grid[1], 0, ratio, 2 * ratio, 8 * ratio)
+  if method in DIRECTED:
+    # Swapping query and key negates the offset: the id mirrors about the
+    # centre bucket.
+    np.testing.assert_array_equal(ids + ids.T, np.full_like(ids,
+                                                            num_buckets - 1))
+  else:
+    np.testing.assert_array_equal(ids, ids.T)
+
+
+@settings(max_examples=20, deadline=None)
+@given(ratios, grids, st.integers(0, 2))
+def test_product_is_rows_times_side_plus_cols(ratio, grid, skip):
+  args = (grid[0], grid[1], skip, ratio, 2 * ratio, 8 * ratio)
+  product, nb = irpe_jax.get_bucket_ids_2d('product', *args)
+  rows, _ = irpe_jax.get_bucket_ids_2d('cross_rows', *args)
+  cols, _ = irpe_jax.get_bucket_ids_2d('cross_cols', *args)
+  side = 2 * int(2 * ratio) + 1
+  s = slice(skip, None)
+  np.testing.assert_array_equal(product[s, s], rows[s, s] * side + cols[s, s])
+  assert nb == side * side + (skip > 0)
+
+
+def test_bucket_ids_are_cached_and_read_only():
+  a, _ = irpe_jax.get_bucket_ids_2d('product', 5, 4, 1, 1.9, 3.8, 15.2)
+  b, _ = irpe_jax.get_bucket_ids_2d('product', 5, 4, 1, 1.9, 3.8, 15.2)
+  assert a is b
+  with pytest.raises(ValueError):
+    a[0, 0] = 3
+
+
+def test_long_method_names_are_aliases():
+  for alias, name in (('euclidean', 'euc'), ('quantization', 'quant')):
+    a, _ = irpe_jax.get_bucket_ids_2d(alias, 3, 3, 0, 1.9, 3.8, 15.2)
+    b, _ = irpe_jax.get_bucket_ids_2d(name, 3, 3, 0, 1.9, 3.8, 15.2)
+    assert a is b
+
+
+@pytest.mark.parametrize('kwargs,match', [
+    (dict(method='manhattan'), "Unknown method 'manhattan'"),
+    (dict(method='cross'), "'cross' is the pair"),
+    (dict(height=0), 'height must be >= 1, got 0'),
+    (dict(width=2.5), 'width must be an int'),
+    (dict(skip=-1), 'skip must be >= 0, got -1'),
+    (dict(alpha=0.0), 'alpha must be > 0'),
+])
+def test_bad_bucket_arguments_raise(kwargs, match):
+  args = dict(method='product', height=3, width=3, skip=0, alpha=1.9,
+              beta=3.8, gamma=15.2)
+  args.update(kwargs)
+  with pytest.raises((ValueError, TypeError), match=match):
+    irpe_jax.get_bucket_ids_2d(**args)
+
+
+def test_num_buckets_without_skip():
+  assert buckets.num_buckets_without_skip('product', 3.8) == 49
+  assert buckets.num_buckets_without_skip('euc', 3.8) == 7

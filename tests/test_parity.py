@@ -1,0 +1,131 @@
+"""Parity with the original PyTorch release on every golden case.
+
+Tolerance: max abs error relative to the largest magnitude of the reference,
+1e-5 for float32 (SPEC section 8).
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import irpe_jax
+import golden
+
+RTOL = 1e-5
+MODULE_CASES = golden.cases('modules')
+ATTENTION_CASES = golden.cases('attention')
+DETR_CASES = golden.cases('detr_attention')
+# Every golden module case runs with the default impl and one of the others,
+# in turn, so each impl meets the release on every mode/method/target.
+OTHER_IMPLS = ('naive', 'gather_xla', 'onehot', 'gather')
+
+
+def _module_for(case, impl):
+  cfg = irpe_jax.get_single_rpe_config(
+      ratio=case['ratio'], method=case['method'], mode=case['mode'],
+      shared_head=case['shared_head'], skip=case['skip'])
+  rpe_q, rpe_k, rpe_v = irpe_jax.build_rpe(
+      irpe_jax.RPEConfig(rpe_q=cfg if case['rpe_on'] == 'q' else None,
+                         rpe_k=cfg if case['rpe_on'] == 'k' else None,
+                         rpe_v=cfg if case['rpe_on'] == 'v' else None),
+      head_dim=case['head_dim'], num_heads=case['num_heads'], impl=impl)
+  return rpe_q or rpe_k or rpe_v
+
+
+@pytest.mark.parametrize(
+    'case,arrays,impl',
+    [(c, a, impl) for n, (c, a) in enumerate(MODULE_CASES)
+     for impl in ('auto', OTHER_IMPLS[n % len(OTHER_IMPLS)])],
+    ids=lambda v: v if isinstance(v, str) else (
+        v['key'] if isinstance(v, dict) else ''))
+def test_module_matches_release(case, arrays, impl):
+  module = _module_for(case, impl)
+  params = golden.nest({n: jnp.asarray(arrays[f'param/{n}'])
+                        for n in case['params']})
+  assert jax.tree.map(jnp.shape, module.init(
+      jax.random.key(0), arrays['x'], case['height'],
+      case['width'])['params']) == jax.tree.map(jnp.shape, params)
+
+  def loss(params, x):
+    y = module.apply({'params': params}, x, case['height'], case['width'])
+    return jnp.sum(y * arrays['cotangent']), y
+
+  (_, y), (grad_params, grad_x) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(params, jnp.asarray(arrays['x']))
+  golden.assert_close(y, arrays['y'], RTOL, 'y')
+  golden.assert_close(grad_x, arrays['grad_x'], RTOL, 'grad_x')
+  for name, grad in golden.flatten(grad_params).items():
+    golden.assert_close(grad, arrays[f'grad/{name}'], RTOL, f'grad/{name}')
+
+
+def torch_attention_params(flat):
+  """Release tensor names of an attention block -> IRPEAttention params."""
+  renames = {'in_proj_weight': 'qkv.weight', 'in_proj_bias': 'qkv.bias',
+             'out_proj.weight': 'proj.weight', 'out_proj.bias': 'proj.bias'}
+  params = {}
+  for name, value in flat.items():
+    name = renames.get(name, name)
+    if name.endswith('.weight') and name.split('.')[0] in ('qkv', 'proj'):
+      name, value = name[:-len('weight')] + 'kernel', value.T
+    params[name] = jnp.asarray(value)
+  return golden.nest(params)
+
+
+def _assert_grads(grads, arrays, names):
+  flat = golden.flatten(grads)
+  expected = torch_attention_params(
+      {n: arrays[f'grad/{n}'] for n in names})
+  for name, value in golden.flatten(expected).items():
+    golden.assert_close(flat[name], value, RTOL, name)
+
+
+@pytest.mark.parametrize('case,arrays', ATTENTION_CASES,
+                         ids=[c['key'] for c, _ in ATTENTION_CASES])
+def test_attention_matches_release(case, arrays):
+  cfg = irpe_jax.get_rpe_config(
+      ratio=case['ratio'], method=case['method'], mode=case['mode'],
+      shared_head=case['shared_head'], skip=case['skip'],
+      rpe_on=case['rpe_on'])
+  module = irpe_jax.IRPEAttention(num_heads=case['num_heads'], rpe_config=cfg,
+                                  qkv_bias=case['qkv_bias'])
+  params = torch_attention_params(
+      {n: arrays[f'param/{n}'] for n in case['params']})
+
+  def loss(params, x):
+    y = module.apply({'params': params}, x, height=case['height'],
+                     width=case['width'])
+    return jnp.sum(y * arrays['cotangent']), y
+
+  (_, y), (grads, grad_x) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(params, jnp.asarray(arrays['x']))
+  golden.assert_close(y, arrays['y'], RTOL, 'y')
+  golden.assert_close(grad_x, arrays['grad_x'], RTOL, 'grad_x')
+  _assert_grads(grads, arrays, case['params'])
+
+
+@pytest.mark.parametrize('case,arrays', DETR_CASES,
+                         ids=[c['key'] for c, _ in DETR_CASES])
+def test_detr_attention_matches_release(case, arrays):
+  """Non-square maps, key padding, q = k = src + pos and v = src, skip 0."""
+  cfg = irpe_jax.parse_rpe_string(
+      f"rpe-{case['ratio']}-{case['method']}-{case['mode']}-"
+      f"{int(case['shared_head'])}-{case['rpe_on']}")
+  module = irpe_jax.IRPEAttention(num_heads=case['num_heads'], rpe_config=cfg)
+  params = torch_attention_params(
+      {n: arrays[f'param/{n}'] for n in case['params']})
+  batch_first = lambda a: jnp.asarray(a).transpose(1, 0, 2)
+  pos = batch_first(arrays['pos_LBE'])
+  # The release's mask marks padding with True; ours marks keys to attend.
+  mask = ~jnp.asarray(arrays['key_padding_mask'])[:, None, None, :]
+
+  def loss(params, src):
+    y = module.apply({'params': params}, src + pos, src + pos, src,
+                     height=case['height'], width=case['width'], mask=mask)
+    return jnp.sum(y * batch_first(arrays['cotangent'])), y
+
+  (_, y), (grads, grad_src) = jax.value_and_grad(
+      loss, argnums=(0, 1), has_aux=True)(params, batch_first(arrays['src_LBE']))
+  golden.assert_close(y, batch_first(arrays['y_LBE']), RTOL, 'y')
+  golden.assert_close(grad_src, batch_first(arrays['grad_src']), RTOL,
+                      'grad_src')
+  _assert_grads(grads, arrays, case['params'])
