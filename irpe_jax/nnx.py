@@ -7,6 +7,7 @@ functional core (`irpe_jax.core`, `irpe_jax.attention`), so the two APIs give
 equal outputs for equal parameters.
 """
 
+import inspect
 from typing import Any, Optional, Tuple
 
 from flax import nnx
@@ -22,6 +23,9 @@ from irpe_jax.linen import resolve_fields
 
 _zeros = jax.nn.initializers.zeros
 _lecun_normal = jax.nn.initializers.lecun_normal()
+# Newer Flax sows only inside `nnx.capture`; older Flax has no such switch.
+_SOW_KWARGS = ({'capture_noop': True} if 'capture_noop' in
+               inspect.signature(nnx.Module.sow).parameters else {})
 
 
 class IRPE(nnx.Module):
@@ -184,8 +188,11 @@ class IRPEAttention(nnx.Module):
                height: Optional[int] = None, width: Optional[int] = None,
                mask: Optional[jax.Array] = None,
                deterministic: bool = True) -> jax.Array:
-    """As the Linen `IRPEAttention.__call__`; weights are sown as
-    `nnx.Intermediate` `attention_weights`."""
+    """As the Linen `IRPEAttention.__call__`.
+
+    The attention weights are sown as `nnx.Intermediate` `attention_weights`;
+    read them with `nnx.capture(model, nnx.Intermediate)(x)`.
+    """
     inputs_k, inputs_v, head_dim = attention_lib.check_inputs(
         inputs_q, inputs_k, inputs_v, self.num_heads)
     batch, length, features = inputs_q.shape
@@ -199,6 +206,6 @@ class IRPEAttention(nnx.Module):
         rpe_v=self.rpe_v, mask=mask, dropout=dropout, height=height,
         width=width,
         weights_hook=lambda w: self.sow(nnx.Intermediate, 'attention_weights',
-                                        w))
+                                        w, **_SOW_KWARGS))
     out = jnp.swapaxes(out, 1, 2).reshape(batch, length, features)
     return self.proj_dropout(self.proj(out), deterministic=deterministic)

@@ -1,0 +1,221 @@
+"""Linen and NNX modules: behaviour, equality of the two APIs, clear errors."""
+
+import chex
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import irpe_jax
+import irpe_jax.nnx as irpe_nnx
+
+NORMAL = jax.nn.initializers.normal(0.5)
+CFG_K = irpe_jax.get_rpe_config(skip=1, rpe_on='k')
+CFG_CROSS_QKV = irpe_jax.get_rpe_config(method='cross', skip=1, rpe_on='qkv',
+                                        shared_head=False)
+B, N, C, HEADS = 2, 1 + 3 * 4, 16, 2
+
+
+def _x(seed=0, shape=(B, N, C)):
+  return jax.random.normal(jax.random.key(seed), shape)
+
+
+def _attention(cfg=CFG_K, **kwargs):
+  return irpe_jax.IRPEAttention(num_heads=HEADS, rpe_config=cfg,
+                                table_init=NORMAL, **kwargs)
+
+
+@pytest.fixture(scope='module')
+def cross_qkv():
+  module = _attention(CFG_CROSS_QKV)
+  return module, module.init(jax.random.key(1), _x(), height=3, width=4)
+
+
+def test_param_names_follow_the_release(cross_qkv):
+  _, variables = cross_qkv
+  shapes = jax.tree.map(jnp.shape, variables['params'])
+  assert shapes['qkv'] == {'kernel': (C, 3 * C), 'bias': (3 * C,)}
+  assert shapes['rpe_k']['rp_rows'] == {'lookup_table_weight': (HEADS, 8, 8)}
+  assert shapes['rpe_v']['rp_cols'] == {'lookup_table_weight': (HEADS, 8, 8)}
+
+
+def test_nnx_equals_linen_for_equal_params(cross_qkv):
+  module, variables = cross_qkv
+  twin = irpe_nnx.IRPEAttention(C, HEADS, CFG_CROSS_QKV, rngs=nnx.Rngs(0))
+  nnx.update(twin, variables['params'])
+  x = _x(2)
+  chex.assert_trees_all_close(
+      twin(x, height=3, width=4),
+      module.apply(variables, x, height=3, width=4), rtol=1e-6)
+  linen_state = jax.tree.map(jnp.shape, variables['params'])
+  nnx_state = jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(twin,
+                                                                 nnx.Param)))
+  assert linen_state == nnx_state
+
+
+@pytest.mark.parametrize('mode,method,transposed', [
+    ('bias', 'euc', True), ('contextual', 'quant', True),
+    ('contextual', 'product', False)])
+def test_nnx_irpe_equals_linen(mode, method, transposed):
+  cfg = irpe_jax.get_single_rpe_config(method=method, mode=mode, skip=1)
+  linen = irpe_jax.IRPE(head_dim=4, num_heads=2, transposed=transposed,
+                        rpe_config=cfg, table_init=NORMAL)
+  x = _x(3, (B, 2, N, N if not transposed else 4))
+  variables = linen.init(jax.random.key(4), x, 3, 4)
+  twin = irpe_nnx.IRPE(head_dim=4, num_heads=2, transposed=transposed,
+                       rpe_config=cfg, rngs=nnx.Rngs(0))
+  nnx.update(twin, variables['params'])
+  chex.assert_trees_all_close(twin(x, 3, 4), linen.apply(variables, x, 3, 4))
+
+
+def test_traces_once_per_input_shape(cross_qkv):
+  module, variables = cross_qkv
+
+  @jax.jit
+  @chex.assert_max_traces(n=2)
+  def apply(variables, x):
+    return module.apply(variables, x)
+
+  for _ in range(3):
+    apply(variables, _x(shape=(B, 1 + 4 * 4, C)))  # 4x4 grid by default
+  for _ in range(2):
+    apply(variables, _x(shape=(B, 1 + 5 * 5, C)))  # new shape: one retrace
+
+
+def test_grid_may_be_non_square_and_change_per_call(cross_qkv):
+  module, variables = cross_qkv
+  x = _x()
+  a = module.apply(variables, x, height=3, width=4)
+  b = module.apply(variables, x, height=4, width=3)
+  assert a.shape == b.shape == x.shape
+  assert not np.allclose(a, b)
+
+
+def test_key_padding_mask_hides_padded_keys():
+  module = _attention(irpe_jax.get_rpe_config(skip=0, rpe_on='qkv'))
+  x = _x(shape=(B, 12, C))
+  variables = module.init(jax.random.key(5), x, height=3, width=4)
+  keep = jnp.arange(12) < 8
+  mask = jnp.broadcast_to(keep, (B, 1, 1, 12))
+  # Changing padded tokens only through k/v must not move valid outputs.
+  x_padded_changed = jnp.where(keep[None, :, None], x, 100.0)
+  a = module.apply(variables, x, x, x, height=3, width=4, mask=mask)
+  b = module.apply(variables, x, x_padded_changed, x_padded_changed,
+                   height=3, width=4, mask=mask)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_weights_are_sown(cross_qkv):
+  module, variables = cross_qkv
+  _, state = module.apply(variables, _x(), height=3, width=4,
+                          mutable=['intermediates'])
+  (weights,) = state['intermediates']['attention_weights']
+  assert weights.shape == (B, HEADS, N, N)
+  np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+
+
+def test_dropout_only_when_not_deterministic():
+  module = _attention(dropout_rate=0.5, proj_dropout_rate=0.1)
+  x = _x()
+  variables = module.init(jax.random.key(6), x)
+  det = module.apply(variables, x)
+  np.testing.assert_array_equal(det, module.apply(variables, x))
+  rngs = {'dropout': jax.random.key(7)}
+  train = module.apply(variables, x, deterministic=False, rngs=rngs)
+  assert not np.allclose(det, train)
+  np.testing.assert_array_equal(
+      train, module.apply(variables, x, deterministic=False, rngs=rngs))
+
+
+def test_bfloat16_compute_with_float32_params():
+  module = _attention(CFG_CROSS_QKV, dtype=jnp.bfloat16)
+  x = _x()
+  variables = module.init(jax.random.key(8), x, height=3, width=4)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  y, grads = jax.value_and_grad(lambda v: jnp.sum(module.apply(
+      v, x, height=3, width=4).astype(jnp.float32)))(variables)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+  ref = _attention(CFG_CROSS_QKV).apply(variables, x, height=3, width=4)
+  np.testing.assert_allclose(
+      y, jnp.sum(ref), rtol=0.05, atol=0.05 * float(jnp.sum(jnp.abs(ref))))
+
+
+def test_torch_xavier_uniform_uses_torch_fans():
+  init = irpe_jax.torch_xavier_uniform()
+  table = init(jax.random.key(0), (1, 8, 81))
+  bound = (6.0 / (8 * 81 + 1 * 81)) ** 0.5
+  assert float(jnp.max(jnp.abs(table))) <= bound
+  assert float(jnp.max(jnp.abs(table))) > 0.9 * bound
+
+
+def _init(module, *args, **kwargs):
+  return module.init(jax.random.key(0), *args, **kwargs)
+
+
+@pytest.mark.parametrize('build,args,kwargs,error,match', [
+    (lambda: irpe_jax.IRPE(head_dim=4, transposed=False, mode='bias',
+                           rpe_config=CFG_K.rpe_k),
+     ((B, 1, N, N),), {}, ValueError, "mode='bias' does not exist on v"),
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k,
+                           method='chebyshev'),
+     ((B, 1, N, 4),), {}, ValueError, "Unknown method 'chebyshev'"),
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_CROSS_QKV.rpe_k),
+     ((B, 1, N, 4),), {}, ValueError, 'use IRPECross'),
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=None),
+     ((B, 1, N, 4),), {}, TypeError, 'rpe_config must be a SingleRPEConfig'),
+    # A table for skip=1 (50 buckets) fed a sequence without a class token.
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k),
+     ((B, 1, 16, 4),), {}, ValueError,
+     'skip=0 and needs 49; a 50-bucket table fits skip>=1'),
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k),
+     ((B, 1, 10, 4),), dict(height=3, width=4), ValueError,
+     'L=10 tokens, fewer than height\\*width'),
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k),
+     ((1, N, 4),), {}, ValueError, 'x must have rank 4'),
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k),
+     ((B, 1, N, 4),), dict(height=3), ValueError,
+     'Give both height and width'),
+    (lambda: irpe_jax.IRPE(head_dim=4, transposed=False,
+                           rpe_config=CFG_K.rpe_k),
+     ((B, 1, N, 4),), {}, ValueError, 'rpe on v takes attention weights'),
+    (lambda: _attention(), ((B, N, 15),), {}, ValueError,
+     'feature size 15 is not divisible by num_heads=2'),
+    (lambda: _attention(), ((N, C),), {}, ValueError,
+     'inputs_q must have rank 3'),
+    (lambda: _attention(), ((B, N, C), (B, N + 1, C)), {}, ValueError,
+     'inputs_k has shape'),
+    (lambda: _attention(), ((B, N, C),),
+     dict(mask=jnp.ones((B, N), bool)), ValueError, 'does not broadcast'),
+    (lambda: _attention(), ((B, N, C),),
+     dict(mask=jnp.ones((B, 1, 1, N))), TypeError, 'mask must be boolean'),
+])
+def test_bad_input_raises_at_trace_time(build, args, kwargs, error, match):
+  arrays = [jax.ShapeDtypeStruct(s, jnp.float32) for s in args]
+  with pytest.raises(error, match=match):
+    jax.eval_shape(lambda *a: _init(build(), *a, **kwargs), *arrays)
+
+
+def test_table_heads_must_match_input_heads():
+  module = irpe_jax.IRPE(head_dim=4, num_heads=3, rpe_config=CFG_K.rpe_k)
+  with pytest.raises(ValueError, match='The table has 3 heads; the input has 2'):
+    _init(module, jnp.zeros((B, 2, N, 4)))
+
+
+def test_build_rpe_follows_config():
+  rpe_q, rpe_k, rpe_v = irpe_jax.build_rpe(CFG_CROSS_QKV, 8, 4)
+  assert isinstance(rpe_q, irpe_jax.IRPECross) and rpe_q.num_heads == 4
+  assert rpe_q.transposed and not rpe_v.transposed
+  assert irpe_jax.build_rpe(None, 8, 4) == (None, None, None)
+  assert irpe_jax.build_rpe(CFG_K, 8, 4)[1].num_heads == 1  # shared head
+  with pytest.raises(TypeError, match='config must be an RPEConfig'):
+    irpe_jax.build_rpe({'rpe_k': None}, 8, 4)
+
+
+def test_nnx_attention_weights_can_be_captured():
+  model = irpe_nnx.IRPEAttention(C, HEADS, CFG_K, rngs=nnx.Rngs(0))
+  if not hasattr(nnx, 'capture'):
+    pytest.skip('this Flax has no nnx.capture')
+  _, intermediates = nnx.capture(model, nnx.Intermediate)(_x())
+  (weights,) = intermediates['attention_weights']
+  assert weights.shape == (B, HEADS, N, N)
