@@ -81,7 +81,8 @@ def torch_to_flax(state_dict: Mapping[str, Any],
 
   Args:
     state_dict: tensor name -> array (numpy, or anything `np.asarray`
-      takes), as `model.state_dict()` of the release.
+      takes; `jax.ShapeDtypeStruct`s pass through), as `model.state_dict()`
+      of the release.
     expected: optional params (arrays or `jax.ShapeDtypeStruct`s, for
       example `expected_params(model)`) to check names and shapes against
       and to take dtypes from.
@@ -101,7 +102,8 @@ def torch_to_flax(state_dict: Mapping[str, Any],
     if not isinstance(name, str) or not name:
       raise ValueError(f'Tensor names must be non-empty strings, got '
                        f'{name!r}.')
-    value = np.asarray(value)
+    if not isinstance(value, jax.ShapeDtypeStruct):
+      value = np.asarray(value)
     parts = name.split('.')
     path = []
     for part in parts[:-1]:
@@ -164,9 +166,10 @@ def _check_against(flat: Dict[tuple, np.ndarray], expected: Params
   want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected))
   missing = sorted(_torch_name(p) for p in want.keys() - flat.keys())
   unexpected = sorted(_torch_name(p) for p in flat.keys() - want.keys())
+  torch_shape = lambda p, x: tuple(_leaf_to_torch(p[-1], x)[1].shape)
   wrong = sorted(
-      f'{_torch_name(p)}: checkpoint {tuple(flat[p].shape)}, model '
-      f'{tuple(want[p].shape)} (Flax layout)'
+      f'{_torch_name(p)}: checkpoint {torch_shape(p, flat[p])}, model '
+      f'{torch_shape(p, want[p])}'
       for p in flat.keys() & want.keys() if flat[p].shape != want[p].shape)
   if missing or unexpected or wrong:
     lines = ['The checkpoint does not fit the model:']
@@ -178,7 +181,8 @@ def _check_against(flat: Dict[tuple, np.ndarray], expected: Params
       lines.append('  (for another resolution, resample pos_embed with '
                    'irpe_jax.models.resample_posemb)')
     raise ValueError('\n'.join(lines))
-  return {p: v.astype(want[p].dtype) for p, v in flat.items()}
+  return {p: v if isinstance(v, jax.ShapeDtypeStruct) else v.astype(
+      want[p].dtype) for p, v in flat.items()}
 
 
 def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:

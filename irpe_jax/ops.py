@@ -13,21 +13,37 @@ computed is the `impl`:
 - 'gather': `take_along_axis` for the gather, a contraction with the one-hot
   of `ids` for the scatter, each used as the other's backward (custom VJP),
   so no XLA scatter-add is ever emitted.
+- 'factored': as 'gather', but the scatter exploits the structure of the ids
+  when they separate over the token grid, as those of 'product' and 'cross'
+  do: `ids[i, j] = A[ri, rj] + C[ci, cj]` on the spatial tokens, with one
+  shared bucket for the pairs that touch a skip token. The scatter over
+  `j = (rj, cj)` then factorises into a sum over `rj` into the row classes of
+  `A` and a sum over `cj` into the column classes of `C`:
+  `O(L * h * (nA * w) + L * nA * nC * w)` per head instead of the
+  `O(L * L * nb)` of the one-hot contraction (about 5x fewer operations at
+  DeiT-S shapes), written as two fused elementwise passes that XLA
+  vectorises. The structure is found from the ids alone, with numpy at trace
+  time (and cached); ids that do not separate (euclidean, quantization) fall
+  back to the one-hot contraction of 'gather'.
 - 'gather_xla': `take_along_axis` with XLA's default scatter-add backward; and
   `segment_sum` for v. Kept as the baseline the custom VJP is measured against.
 - 'onehot': both directions as one-hot contractions (matrix units on TPU).
 - 'naive': materialise the `(L, L, D)` encodings, as the release's v path does.
-- 'auto': the best measured choice for the backend.
+- 'auto': the best choice for the backend. Measured on CPU with
+  `python -m experiments.bench_rpe` (DeiT-S shapes): 'factored'. Reasoned, not
+  measured: 'onehot' on TPU, where gathers are slow and one-hot contractions
+  run on the matrix units; 'factored' on GPU, where its elementwise passes are
+  memory-bound and no scatter-add (slow on GPU) is ever emitted.
 """
 
 import functools
-from typing import Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ('auto', 'gather', 'gather_xla', 'onehot', 'naive')
+IMPLS = ('auto', 'factored', 'gather', 'gather_xla', 'onehot', 'naive')
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -38,10 +54,10 @@ def resolve_impl(impl: str) -> str:
     raise ValueError(f'Unknown impl {impl!r}; expected one of {IMPLS}.')
   if impl != 'auto':
     return impl
-  # Measured with experiments/bench_rpe.py: gathers are slow on TPU, where the
-  # one-hot contraction runs on the matrix units; elsewhere the gather with the
-  # one-hot backward wins.
-  return 'onehot' if jax.default_backend() == 'tpu' else 'gather'
+  # CPU: measured with experiments/bench_rpe.py. TPU and GPU: reasoned (see
+  # the module docstring); gathers are slow on TPU, where the one-hot
+  # contraction runs on the matrix units.
+  return 'onehot' if jax.default_backend() == 'tpu' else 'factored'
 
 
 def _onehot(ids: np.ndarray, num_buckets: int, dtype) -> jax.Array:
@@ -66,13 +82,138 @@ def _take_gather(z, ids):
   return jnp.take_along_axis(z, idx, axis=-1, mode='promise_in_bounds')
 
 
-class _StaticIds:
-  """Hashable wrapper so static ids can be a `nondiff_argnums` argument."""
+class _Grid(NamedTuple):
+  """Bucket ids that separate over a `height x width` token grid.
 
-  def __init__(self, ids: np.ndarray, num_buckets: int):
+  For spatial tokens `i = skip + ri * width + ci`, `j = skip + rj * width + cj`:
+  `ids[i, j] = pair_ids[row_class[ri, rj], col_class[ci, cj]]`, and every pair
+  that touches one of the `skip` leading tokens has id `skip_bucket`.
+  """
+  skip: int
+  height: int
+  width: int
+  skip_bucket: int
+  row_class: np.ndarray  # (height, height) int32 in [0, num_row_classes).
+  col_class: np.ndarray  # (width, width) int32 in [0, num_col_classes).
+  pair_ids: np.ndarray  # (num_row_classes * num_col_classes,) distinct ids.
+
+  @property
+  def num_row_classes(self) -> int:
+    return int(self.row_class.max()) + 1
+
+  @property
+  def num_col_classes(self) -> int:
+    return int(self.col_class.max()) + 1
+
+
+def _divisors(n: int):
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _find_grid(ids: np.ndarray, num_buckets: int) -> Optional[_Grid]:
+  """The cheapest exact `_Grid` factorisation of `ids`, or None if none pays.
+
+  Tries every skip whose rows and columns hold one shared id and every
+  `height * width` split of the remaining tokens; a split is exact when the
+  spatial ids are a sum of a row part and a column part, and each pair of
+  (row value, column value) gives a distinct bucket in range.
+  """
+  length = ids.shape[0]
+  direct_cost = length * length * num_buckets
+  best, best_cost = None, direct_cost // 2  # Only a clear win is worth it.
+  for skip in range(length):
+    if skip and not ((ids[:skip] == ids[0, 0]).all() and
+                     (ids[:, :skip] == ids[0, 0]).all()):
+      break
+    spatial = ids[skip:, skip:].astype(np.int64)
+    n = length - skip
+    for height in _divisors(n):
+      width = n // height
+      block = spatial.reshape(height, width, height, width)
+      row_part = block[:, 0, :, 0]
+      col_part = block[0, :, 0, :] - block[0, 0, 0, 0]
+      if not (block == row_part[:, None, :, None] +
+              col_part[None, :, None, :]).all():
+        continue
+      row_values, row_class = np.unique(row_part, return_inverse=True)
+      col_values, col_class = np.unique(col_part, return_inverse=True)
+      pair_ids = (row_values[:, None] + col_values[None, :]).ravel()
+      if (pair_ids.min() < 0 or pair_ids.max() >= num_buckets or
+          len(np.unique(pair_ids)) != len(pair_ids)):
+        continue
+      n_rows, n_cols = len(row_values), len(col_values)
+      cost = n * (height * n_rows * width + n_rows * n_cols * width)
+      if cost < best_cost:
+        best_cost = cost
+        best = _Grid(skip, height, width, int(ids[0, 0]) if skip else -1,
+                     row_class.reshape(height, height).astype(np.int32),
+                     col_class.reshape(width, width).astype(np.int32),
+                     pair_ids.astype(np.int32))
+  return best
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_of(sids: '_StaticIds') -> Optional[_Grid]:
+  return _find_grid(sids.ids, sids.num_buckets)
+
+
+def _class_onehot(classes: np.ndarray, dtype) -> jax.Array:
+  return _onehot(classes, int(classes.max()) + 1, dtype)
+
+
+def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
+  """`bucket_scatter` for ids that factorise as `grid`; see the docstring."""
+  batch = a.shape[:-2]
+  skip, height, width = grid.skip, grid.height, grid.width
+  n_rows, n_cols = grid.num_row_classes, grid.num_col_classes
+  # Low-precision inputs are summed in float32 (fused, no extra pass).
+  x = a.astype(jnp.promote_types(a.dtype, jnp.float32))
+  spatial = x[..., skip:, skip:].reshape(batch + (height, width) * 2)
+  # Sum over rj into row classes: u[.., ri, ci, ra, cj]. One unrolled term
+  # per rj keeps cj, the contiguous axis, innermost on both sides, so this
+  # pass over the (L, L) input vectorises.
+  row_onehot = _class_onehot(grid.row_class, x.dtype)  # (ri, rj, ra)
+  u = 0
+  for rj in range(height):
+    u = u + (spatial[..., rj, None, :] *
+             row_onehot[:, None, rj, :, None])
+  # Keep XLA from fusing the pass above into the reduction below, which would
+  # recompute it per column class.
+  u = jax.lax.optimization_barrier(u)
+  # Sum over cj into column classes: s[.., ri, ci, ra, cb], on the smaller u.
+  col_onehot = jnp.swapaxes(_class_onehot(grid.col_class, x.dtype), 1, 2)
+  s = jnp.sum(u[..., None, :] * col_onehot[:, None, None], axis=-1)
+  s = s.reshape(batch + (height * width, n_rows * n_cols))
+  if np.array_equal(grid.pair_ids, np.arange(n_rows * n_cols)):
+    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) +
+                [(0, num_buckets - n_rows * n_cols)])
+  else:
+    # Static permutation into bucket order; buckets no pair hits read a zero.
+    source = np.full(num_buckets, n_rows * n_cols, np.int32)
+    source[grid.pair_ids] = np.arange(n_rows * n_cols, dtype=np.int32)
+    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, 1)])
+    s = jnp.take(s, jnp.asarray(source), axis=-1)
+  if skip:
+    skip_onehot = (jnp.arange(num_buckets) == grid.skip_bucket).astype(x.dtype)
+    s = s + x[..., skip:, :skip].sum(-1)[..., None] * skip_onehot
+    top = x[..., :skip, :].sum(-1)[..., None] * skip_onehot
+    s = jnp.concatenate([top, s], axis=-2)
+  return s.astype(a.dtype)
+
+
+class _StaticIds:
+  """Hashable wrapper so static ids can be a `nondiff_argnums` argument.
+
+  `factored` asks the scatter to use the grid factorisation of the ids when
+  they have one.
+  """
+
+  def __init__(self, ids: np.ndarray, num_buckets: int,
+               factored: bool = False):
     self.ids = ids
     self.num_buckets = num_buckets
-    self._key = (ids.shape, num_buckets, ids.tobytes())
+    self.factored = factored
+    self._key = (ids.shape, num_buckets, factored, ids.tobytes())
 
   def __hash__(self):
     return hash(self._key)
@@ -99,6 +240,10 @@ _gather_custom.defvjp(_gather_fwd, _gather_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _scatter_custom(a, sids):
+  if sids.factored:
+    grid = _grid_of(_StaticIds(sids.ids, sids.num_buckets))
+    if grid is not None:
+      return _grid_scatter(a, grid, sids.num_buckets)
   return _contract_scatter(a, sids.ids, sids.num_buckets)
 
 
@@ -136,8 +281,8 @@ def bucket_gather(z: jax.Array, ids: np.ndarray, num_buckets: int,
     `(..., L, L)` array of `z.dtype`.
   """
   impl = resolve_impl(impl)
-  if impl == 'gather':
-    return _gather_custom(z, _StaticIds(ids, num_buckets))
+  if impl in ('gather', 'factored'):
+    return _gather_custom(z, _StaticIds(ids, num_buckets, impl == 'factored'))
   if impl == 'onehot':
     return _contract_gather(z, ids, num_buckets)
   return _take_gather(z, ids)
@@ -157,8 +302,8 @@ def bucket_scatter(a: jax.Array, ids: np.ndarray, num_buckets: int,
     `(..., L, nb)` array of `a.dtype`.
   """
   impl = resolve_impl(impl)
-  if impl == 'gather':
-    return _scatter_custom(a, _StaticIds(ids, num_buckets))
+  if impl in ('gather', 'factored'):
+    return _scatter_custom(a, _StaticIds(ids, num_buckets, impl == 'factored'))
   if impl == 'onehot':
     return _contract_scatter(a, ids, num_buckets)
   return _segment_scatter(a, ids, num_buckets)

@@ -167,7 +167,9 @@ def test_other_image_sizes_use_the_resampled_embedding_and_their_grid(tiny):
 def test_remat_gives_equal_outputs_and_gradients(tiny):
   model, params, _ = tiny
   rngs = {'dropout': jax.random.key(4)}
-  trained = model.clone(drop_path_rate=0.2, drop_rate=0.1)
+  # One block keeps the two compiles cheap.
+  trained = model.clone(drop_path_rate=0.2, drop_rate=0.1, depth=1)
+  params = {k: v for k, v in params.items() if k != 'blocks_1'}
 
   def loss(p, m):
     return m.apply({'params': p}, IMAGES, train=True, rngs=rngs).sum()

@@ -5,6 +5,7 @@
     >>> models.list_models('*_shared_qkv')
 """
 
+from irpe_jax.models.nnx_bridge import to_nnx
 from irpe_jax.models.registry import create_model
 from irpe_jax.models.registry import list_models
 from irpe_jax.models.registry import model_kwargs
@@ -20,5 +21,6 @@ __all__ = (
     'PRETRAINED',
     'RELEASED',
     'resample_posemb',
+    'to_nnx',
     'VisionTransformer',
 )
