@@ -10,7 +10,7 @@ trained in Linen) load as they are:
     >>> nnx_model = models.to_nnx(model, params)
     >>> logits = nnx_model(images)                       # eval
     >>> logits = nnx_model(images, train=True)           # dropout from rngs
-    >>> nnx.state(nnx_model, nnx.Param).to_pure_dict()   # the params again
+    >>> nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param))  # the params again
 
 Attention weights are available as with Linen: call with
 `mutable=['intermediates']`.
@@ -21,6 +21,7 @@ from typing import Any, Optional
 from flax import nnx
 import jax.numpy as jnp
 
+from irpe_jax import convert
 from irpe_jax.models import vit
 
 
@@ -39,7 +40,8 @@ def to_nnx(model: vit.VisionTransformer, params: Optional[Any] = None, *,
     An `nnx.bridge.ToNNX` module: call it as `module(images, train=False)`.
 
   Raises:
-    ValueError: if `params` does not have exactly the model's structure.
+    ValueError: listing missing, unexpected and wrongly shaped params, if
+      `params` does not fit the model.
   """
   if not isinstance(model, vit.VisionTransformer):
     raise TypeError(f'model must be a VisionTransformer, got '
@@ -51,11 +53,10 @@ def to_nnx(model: vit.VisionTransformer, params: Optional[Any] = None, *,
   module.lazy_init(jnp.zeros((1, rows, cols, model.in_chans), jnp.float32))
   if params is not None:
     state = nnx.state(module, nnx.Param)
-    try:
-      nnx.replace_by_pure_dict(state, dict(params))
-    except (KeyError, ValueError, TypeError) as e:
-      raise ValueError(f'params do not fit the model: {e!r}; check them with '
-                       f'irpe_jax.convert.torch_to_flax(..., expected=...).'
-                       ) from None
+    # Checked whole first (replace_by_pure_dict would keep the initial value
+    # of a missing param): raises listing every mismatch.
+    params = convert.torch_to_flax(convert.flax_to_torch(params),
+                                   expected=nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, params)
     nnx.update(module, state)
   return module
