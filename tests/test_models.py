@@ -6,6 +6,7 @@ import re
 
 import chex
 import flax
+import flax.nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,28 +206,50 @@ def test_train_mode_is_stochastic_and_eval_is_not(tiny):
 
 
 def test_distilled_model_averages_its_heads_at_eval():
-  model = tiny_model(distilled=True)
-  variables = model.init(jax.random.key(5), IMAGES)
+  model = tiny_model(distilled=True, depth=1)
+  variables = jax.jit(model.init)(jax.random.key(5), IMAGES)
   assert variables['params']['dist_token'].shape == (1, 1, 16)
   assert variables['params']['pos_embed'].shape == (1, 2 + 16, 16)
-  cls_logits, dist_logits = model.apply(variables, IMAGES, train=True)
-  np.testing.assert_allclose(model.apply(variables, IMAGES),
-                             (cls_logits + dist_logits) / 2, rtol=1e-6)
+
+  @jax.jit
+  def both(variables):
+    heads = model.apply(variables, IMAGES, train=True)  # No dropout set.
+    return heads, model.apply(variables, IMAGES)
+
+  (cls_logits, dist_logits), logits = both(variables)
+  np.testing.assert_allclose(logits, (cls_logits + dist_logits) / 2,
+                             rtol=1e-6)
 
 
 def test_no_abs_pos_embed_and_headless_features():
   model = tiny_model(use_abs_pos_embed=False, num_classes=0, rpe_config=None)
-  variables = model.init(jax.random.key(6), IMAGES)
+  variables = jax.eval_shape(model.init, jax.random.key(6), IMAGES)
   assert 'pos_embed' not in variables['params']
   assert 'head' not in variables['params']
-  assert model.apply(variables, IMAGES).shape == (2, 16)
+  assert jax.eval_shape(model.apply, variables, IMAGES).shape == (2, 16)
+
+
+def test_nnx_bridge_holds_the_linen_params_and_draws_dropout(tiny):
+  model, params, apply = tiny
+  module = models.to_nnx(model.clone(drop_path_rate=0.5), params)
+  state = flax.nnx.to_pure_dict(flax.nnx.state(module, flax.nnx.Param))
+  chex.assert_trees_all_equal(state, params)
+  forward = flax.nnx.jit(lambda m, x, train: m(x, train=train),
+                         static_argnums=2)
+  np.testing.assert_allclose(forward(module, IMAGES, False),
+                             apply(params, IMAGES), rtol=1e-5, atol=1e-6)
+  first, second = forward(module, IMAGES, True), forward(module, IMAGES, True)
+  assert not np.allclose(first, second)
+  fresh = models.to_nnx(model, rngs=flax.nnx.Rngs(params=0, dropout=1))
+  assert jax.tree.map(jnp.shape, flax.nnx.to_pure_dict(
+      flax.nnx.state(fresh, flax.nnx.Param))) == jax.tree.map(jnp.shape, params)
 
 
 def test_bfloat16_computation_keeps_float32_params():
-  model = tiny_model(dtype=jnp.bfloat16)
-  variables = model.init(jax.random.key(7), IMAGES)
+  model = tiny_model(dtype=jnp.bfloat16, depth=1)
+  variables = jax.eval_shape(model.init, jax.random.key(7), IMAGES)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype('float32')}
-  assert model.apply(variables, IMAGES).dtype == jnp.bfloat16
+  assert jax.eval_shape(model.apply, variables, IMAGES).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize('shape, match', [

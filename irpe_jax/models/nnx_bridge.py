@@ -19,6 +19,7 @@ Attention weights are available as with Linen: call with
 from typing import Any, Optional
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 
 from irpe_jax import convert
@@ -49,14 +50,18 @@ def to_nnx(model: vit.VisionTransformer, params: Optional[Any] = None, *,
   rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
   size = model.img_size
   rows, cols = (size, size) if isinstance(size, int) else size
-  module = nnx.bridge.ToNNX(model, rngs=rngs)
-  module.lazy_init(jnp.zeros((1, rows, cols, model.in_chans), jnp.float32))
-  if params is not None:
-    state = nnx.state(module, nnx.Param)
-    # Checked whole first (replace_by_pure_dict would keep the initial value
-    # of a missing param): raises listing every mismatch.
-    params = convert.torch_to_flax(convert.flax_to_torch(params),
-                                   expected=nnx.to_pure_dict(state))
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(module, state)
+  images = jnp.zeros((1, rows, cols, model.in_chans), jnp.float32)
+  if params is None:
+    return nnx.bridge.ToNNX(model, rngs=rngs).lazy_init(images)
+  # Given params, only the structure is built (no real init) and filled.
+  module = nnx.eval_shape(
+      lambda: nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0)).lazy_init(images))
+  module.to_nnx__rngs = rngs.fork()
+  state = nnx.state(module, nnx.Param)
+  # Checked whole first (replace_by_pure_dict would leave a missing param
+  # abstract): raises listing every mismatch.
+  params = convert.torch_to_flax(convert.flax_to_torch(params),
+                                 expected=nnx.to_pure_dict(state))
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(module, state)
   return module
