@@ -24,7 +24,8 @@ Registered:
   with published checkpoints (`PRETRAINED`);
 - ablations on DeiT-S, as in the paper: every mode x method on k; contextual
   product on every combination of q, k, v and bias product on q, k, qk;
-  shared and unshared heads with and without the absolute embedding.
+  bias and contextual product on k with shared and unshared heads, with and
+  without the absolute embedding (Table 4).
 """
 
 import dataclasses
@@ -113,21 +114,22 @@ def _build_registry() -> Dict[str, ModelSpec]:
            ('rpe_on', on))
     registry[name] = ModelSpec(size, rpe, use_abs_pos_embed=abs_pos)
 
+  # The release's nine (checked against RELEASED below).
   for size, on in (('tiny', 'k'), ('small', 'k'), ('small', 'qk'),
                    ('small', 'qkv'), ('base', 'k'), ('base', 'qkv')):
     add(size, 'ctx', 'product', on)
   for method in ('euc', 'quant', 'cross'):
     add('small', 'ctx', method, 'k')
-  # Ablations (DeiT-S): mode x method on keys (paper Table 2) ...
+  # The paper's ablations on DeiT-S: mode x method on keys ...
   for mode in ('bias', 'ctx'):
     for method in METHOD_RATIOS:
       add('small', mode, method, 'k')
-  # ... where to put iRPE (Table 5) ...
+  # ... where to put iRPE ...
   for on in ('q', 'k', 'v', 'qk', 'qv', 'kv', 'qkv'):
     add('small', 'ctx', 'product', on)
   for on in ('q', 'k', 'qk'):
     add('small', 'bias', 'product', on)
-  # ... and shared heads / absolute embedding (Table 4).
+  # ... and shared heads, with and without the absolute embedding (Table 4).
   for mode in ('bias', 'ctx'):
     for shared in (True, False):
       for abs_pos in (True, False):
