@@ -282,6 +282,9 @@ def load_params(path: str, model: Optional[nn.Module] = None) -> Params:
     except Exception as e:  # msgpack raises several unrelated types.
       raise ValueError(f'{path} is neither a Flax msgpack file nor a '
                        f'.pth/.npz checkpoint: {e}.') from None
+  if not isinstance(params, dict) or not params:
+    raise ValueError(f'{path} holds a {type(params).__name__!r} object, not a Flax '
+                     f'param tree.')
   if model is not None:
     # Same names and checks as a torch checkpoint.
     return torch_to_flax(flax_to_torch(params), expected_params(model))

@@ -203,6 +203,10 @@ def test_non_checkpoint_files_are_rejected(tmp_path):
   check_fails(other_zip, 'neither a PyTorch checkpoint')
   with pytest.raises(ValueError, match='neither a Flax msgpack'):
     convert.load_params(str(text))
+  number = tmp_path / 'number.msgpack'
+  number.write_bytes(flax.serialization.msgpack_serialize(3))
+  with pytest.raises(ValueError, match="holds a 'int' object, not a Flax param tree"):
+    convert.load_params(str(number))
 
 
 def test_truncated_zip_is_rejected(tmp_path):
