@@ -169,7 +169,7 @@ def test_remat_gives_equal_outputs_and_gradients(tiny):
   model, params, _ = tiny
   rngs = {'dropout': jax.random.key(4)}
   # One block keeps the two compiles cheap.
-  trained = model.clone(drop_path_rate=0.2, drop_rate=0.1, depth=1)
+  trained = model.clone(drop_path_rate=0.2, depth=1)
   params = {k: v for k, v in params.items() if k != 'blocks_1'}
 
   def loss(p, m):
