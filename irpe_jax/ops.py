@@ -166,28 +166,41 @@ def _class_onehot(classes: np.ndarray, dtype) -> jax.Array:
 
 
 def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
-  """`bucket_scatter` for ids that factorise as `grid`; see the docstring."""
-  batch = a.shape[:-2]
+  """`bucket_scatter` for ids that factorise as `grid`.
+
+  Two passes, each an unrolled sum of broadcast products that XLA fuses into
+  one vectorised loop (a reduction over the short contiguous axis, or a
+  one-hot contraction, would not vectorise or would transpose the input):
+  `u[.., i, ra, cj] = sum_rj a[.., i, (rj, cj)] [row_class[ri, rj] = ra]`,
+  then `s[.., i, ra, cb] = sum_cj u[.., i, ra, cj] [col_class[ci, cj] = cb]`.
+  """
+  length = a.shape[-1]
   skip, height, width = grid.skip, grid.height, grid.width
   n_rows, n_cols = grid.num_row_classes, grid.num_col_classes
   # Low-precision inputs are summed in float32 (fused, no extra pass).
   x = a.astype(jnp.promote_types(a.dtype, jnp.float32))
-  spatial = x[..., skip:, skip:].reshape(batch + (height, width) * 2)
-  # Sum over rj into row classes: u[.., ri, ci, ra, cj]. One unrolled term
-  # per rj keeps cj, the contiguous axis, innermost on both sides, so this
-  # pass over the (L, L) input vectorises.
-  row_onehot = _class_onehot(grid.row_class, x.dtype)  # (ri, rj, ra)
+  # Classes per query i = skip + ri * width + ci; skip queries have none (-1),
+  # so the passes give them zeros.
+  row_of_query = np.full((length, height), -1, np.int32)
+  row_of_query[skip:] = np.repeat(grid.row_class, width, axis=0)
+  col_of_query = np.full((length, width), -1, np.int32)
+  col_of_query[skip:] = np.tile(grid.col_class, (height, 1))
+  row_onehot = _onehot(row_of_query, n_rows, x.dtype)  # (L, rj, ra)
   u = 0
   for rj in range(height):
-    u = u + (spatial[..., rj, None, :] *
-             row_onehot[:, None, rj, :, None])
-  # Keep XLA from fusing the pass above into the reduction below, which would
+    keys = x[..., skip + rj * width:skip + (rj + 1) * width]  # (.., L, cj)
+    u = u + keys[..., None, :] * row_onehot[:, rj, :, None]
+  # Keep XLA from fusing the first pass into the second, which would
   # recompute it per column class.
-  u = jax.lax.optimization_barrier(u)
-  # Sum over cj into column classes: s[.., ri, ci, ra, cb], on the smaller u.
-  col_onehot = jnp.swapaxes(_class_onehot(grid.col_class, x.dtype), 1, 2)
-  s = jnp.sum(u[..., None, :] * col_onehot[:, None], axis=-1)
-  s = s.reshape(batch + (height * width, n_rows * n_cols))
+  u = jax.lax.optimization_barrier(u)  # (.., L, ra, cj)
+  col_onehot = _onehot(col_of_query, n_cols, x.dtype)  # (L, cj, cb)
+  s = 0
+  for cj in range(width):
+    s = s + u[..., cj, None] * col_onehot[:, None, cj, :]
+  # Materialise s in its natural layout before the (small) bucket assembly:
+  # fused with the padding below, the pass above would not vectorise.
+  s = jax.lax.optimization_barrier(s)
+  s = s.reshape(a.shape[:-1] + (n_rows * n_cols,))
   if np.array_equal(grid.pair_ids, np.arange(n_rows * n_cols)):
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) +
                 [(0, num_buckets - n_rows * n_cols)])
@@ -198,10 +211,13 @@ def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, 1)])
     s = jnp.take(s, jnp.asarray(source), axis=-1)
   if skip:
+    # Pairs that touch a skip token: the skip keys of every query, and the
+    # spatial keys of the skip queries.
+    touching = x[..., :skip].sum(-1) + jnp.pad(
+        x[..., :skip, skip:].sum(-1),
+        [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
     skip_onehot = (jnp.arange(num_buckets) == grid.skip_bucket).astype(x.dtype)
-    s = s + x[..., skip:, :skip].sum(-1)[..., None] * skip_onehot
-    top = x[..., :skip, :].sum(-1)[..., None] * skip_onehot
-    s = jnp.concatenate([top, s], axis=-2)
+    s = s + touching[..., None] * skip_onehot
   return s.astype(a.dtype)
 
 
