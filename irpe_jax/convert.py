@@ -39,7 +39,7 @@ _BLOCK_INDEX = re.compile(r'^(.+)_(\d+)$')
 
 
 def _transpose(x: Any, axes: Sequence[int]) -> Any:
-  """`np.transpose` that also takes `jax.ShapeDtypeStruct`s (from eval_shape)."""
+  """`np.transpose` that also takes `jax.ShapeDtypeStruct`s."""
   if isinstance(x, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(tuple(x.shape[a] for a in axes), x.dtype)
   return np.transpose(np.asarray(x), axes)
@@ -119,7 +119,7 @@ def torch_to_flax(state_dict: Mapping[str, Any],
 
 
 def flax_to_torch(params: Params) -> Dict[str, Any]:
-  """Converts a Flax param tree to a release state dict; `torch_to_flax`'s inverse.
+  """Converts Flax params to a release state dict, inverting `torch_to_flax`.
 
   Args:
     params: the `params` collection (a `{'params': ...}` wrapper is
@@ -177,7 +177,9 @@ def _check_against(flat: Dict[tuple, np.ndarray], expected: Params
                          ('wrong shape', wrong)):
       if items:
         lines.append(f'  {title} ({len(items)}): ' + ', '.join(items))
-    if any('pos_embed' in w for w in wrong):
+    got, need = flat.get(('pos_embed',)), want.get(('pos_embed',))
+    if (got is not None and need is not None and got.shape != need.shape
+        and got.shape[-1] == need.shape[-1]):
       lines.append('  (for another resolution, resample pos_embed with '
                    'irpe_jax.models.resample_posemb)')
     raise ValueError('\n'.join(lines))
@@ -283,8 +285,8 @@ def load_params(path: str, model: Optional[nn.Module] = None) -> Params:
       raise ValueError(f'{path} is neither a Flax msgpack file nor a '
                        f'.pth/.npz checkpoint: {e}.') from None
   if not isinstance(params, dict) or not params:
-    raise ValueError(f'{path} holds a {type(params).__name__!r} object, not a Flax '
-                     f'param tree.')
+    raise ValueError(f'{path} holds a {type(params).__name__!r} object, not '
+                     f'a Flax param tree.')
   if model is not None:
     # Same names and checks as a torch checkpoint.
     return torch_to_flax(flax_to_torch(params), expected_params(model))

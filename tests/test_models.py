@@ -16,7 +16,8 @@ import irpe_jax
 from irpe_jax import models
 from irpe_jax.models import registry
 
-GOLDEN = pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'golden'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = REPO / '..' / 'shared' / 'golden'
 NAME = re.compile(r'^deit_(tiny|small|base)(_distilled)?_patch16_224'
                   r'(?:_(bias|ctx)_(euc|quant|cross|product)_(\d+)_'
                   r'(shared|unshared)_([qkv]+))?(_noabs)?$')

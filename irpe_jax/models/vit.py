@@ -125,7 +125,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block with iRPE attention, as the release's `RPEBlock`.
+  """Pre-norm block with iRPE attention, as the release's `RPEBlock`.
 
   `x + drop_path(attn(norm1(x)))`, then `x + drop_path(mlp(norm2(x)))`.
   """
