@@ -9,6 +9,8 @@ import zipfile
 
 import flax
 import flax.nnx
+import hypothesis
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +101,34 @@ def test_flax_to_torch_inverts_torch_to_flax_exactly():
   state = golden_state(STEMS[1])
   back = convert.flax_to_torch(convert.torch_to_flax(state))
   assert list(back) == list(state)
+  for name, value in state.items():
+    np.testing.assert_array_equal(back[name], value, err_msg=name)
+
+
+_RELEASE_STYLE_TENSORS = {
+    'norm': lambda d: {'weight': (d,), 'bias': (d,)},
+    'fc': lambda d: {'weight': (d + 1, d), 'bias': (d + 1,)},
+    'conv': lambda d: {'weight': (d + 1, d, 2, 3), 'bias': (d + 1,)},
+    'table': lambda d: {'rp_rows.lookup_table_weight': (1, d, 5),
+                        'lookup_table_bias': (2, 5)},
+}
+
+
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(
+    kinds=st.lists(st.sampled_from(sorted(_RELEASE_STYLE_TENSORS)),
+                   min_size=1, max_size=6),
+    dim=st.integers(1, 4), seed=st.integers(0, 2**31))
+def test_torch_to_flax_and_back_is_exact_for_any_release_style_state(
+    kinds, dim, seed):
+  rng = np.random.default_rng(seed)
+  state = {'cls_token': rng.normal(size=(1, 1, dim)).astype(np.float32)}
+  for i, kind in enumerate(kinds):
+    for leaf, shape in _RELEASE_STYLE_TENSORS[kind](dim).items():
+      state[f'blocks.{i}.{kind}.{leaf}'] = rng.normal(size=shape).astype(
+          np.float32)
+  back = convert.flax_to_torch(convert.torch_to_flax(state))
+  assert sorted(back) == sorted(state)
   for name, value in state.items():
     np.testing.assert_array_equal(back[name], value, err_msg=name)
 
