@@ -1,10 +1,13 @@
 """DeiT (a ViT trained as in Touvron et al.) with iRPE in every block.
 
 The layout and parameter names follow the release's `VisionTransformer`
-(timm 0.3.2 with `RPEAttention`), so that its checkpoints convert one to one
+(timm's DeiT with `RPEAttention`), so that its checkpoints convert one to one
 (see `irpe_jax.convert`): `patch_embed/proj`, `cls_token`, `dist_token`,
 `pos_embed`, `blocks_{i}/{norm1, attn, norm2, mlp/fc1, mlp/fc2}`, `norm`,
-`head`, `head_dist`.
+`head`, `head_dist`. Initialisation follows timm too: truncated normal with
+std 0.02 for Linear kernels, tokens and `pos_embed` (Flax truncates at two
+standard deviations), PyTorch's default for the patch conv kernel, zero
+biases, unit LayerNorm scales and zero iRPE tables.
 
 Images of another size than `img_size` work without any change of params:
 the bucket ids of iRPE are computed for the actual patch grid (which may be
