@@ -25,6 +25,9 @@ ratios the targets are stated in.
 
 import argparse
 import dataclasses
+import os
+import platform
+import random
 import statistics
 import sys
 import time
@@ -129,10 +132,16 @@ def _build(args: argparse.Namespace, impls: Sequence[str]) -> Dict[str, Entry]:
   return entries
 
 
-def _time(entries: Dict[str, Entry], warmup: int, repeats: int) -> None:
-  """Round-robin timing: each round calls every entry once."""
+def _time(entries: Dict[str, Entry], warmup: int, repeats: int,
+          seed: int) -> None:
+  """Round-robin timing: each round calls every entry once, in a fresh random
+  order (a fixed order measurably slows whatever runs right after the
+  attention core's large buffers are freed)."""
+  rng = random.Random(seed)
+  order = list(entries.values())
   for round_index in range(warmup + repeats):
-    for entry in entries.values():
+    rng.shuffle(order)
+    for entry in order:
       start = time.perf_counter()
       jax.block_until_ready(entry.compiled(*entry.args))
       elapsed_ms = 1e3 * (time.perf_counter() - start)
@@ -157,6 +166,18 @@ def _check_agreement(entries: Dict[str, Entry], impls: Sequence[str]) -> float:
   return worst
 
 
+def _cpu_name() -> str:
+  """The host CPU's model name where Linux tells it, else the platform's."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        if line.startswith('model name'):
+          return line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def _report(entries: Dict[str, Entry], impls: Sequence[str],
             args: argparse.Namespace) -> bool:
   """Prints the table and the targets; returns whether all targets hold."""
@@ -164,8 +185,9 @@ def _report(entries: Dict[str, Entry], impls: Sequence[str],
   core_fb = entries['core/-/fb'].median_ms
   length = args.skip + args.height * args.width
   print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}, '
-        f'{jax.device_count()} device(s)); jax {jax.__version__}; '
-        f'auto -> {ops.resolve_impl("auto")!r}')
+        f'{jax.device_count()} device(s)) on {_cpu_name()}, '
+        f'{os.cpu_count()} cores; jax {jax.__version__}, jaxlib '
+        f'{jax.lib.__version__}; auto -> {ops.resolve_impl("auto")!r}')
   print(f'shapes: B={args.batch} H={args.heads} L={length} '
         f'({args.skip} + {args.height}x{args.width}) D={args.head_dim} '
         f'{args.method} ratio {args.ratio} shared_head={args.shared_head}; '
@@ -249,7 +271,7 @@ def main(argv: Sequence[str] = ()) -> int:
     impls.append('naive')
   entries = _build(args, impls)
   worst = _check_agreement(entries, impls)
-  _time(entries, args.warmup, args.repeats)
+  _time(entries, args.warmup, args.repeats, args.seed)
   holds = _report(entries, impls, args)
   print(f'every impl agrees with naive to {worst:.1e} (relative to max)')
   return 0 if holds or args.quick else 1
