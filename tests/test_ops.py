@@ -201,3 +201,21 @@ def test_auto_resolves_per_backend():
   assert ops.resolve_impl('auto') in irpe_jax.IMPLS
   with pytest.raises(ValueError, match="Unknown impl 'fast'"):
     ops.resolve_impl('fast')
+
+
+@settings(max_examples=15, deadline=None)
+@given(method=st.sampled_from(['euc', 'quant', 'product', 'cross_rows',
+                               'cross_cols']),
+       ratio=st.sampled_from([0.5, 1.9, 3.0]),
+       grid=st.tuples(st.integers(1, 6), st.integers(1, 6)),
+       skip=st.integers(0, 2), seed=st.integers(0, 2**16))
+def test_scatter_matches_numpy_on_any_grid(method, ratio, grid, skip, seed):
+  ids, nb = _ids(method, ratio, skip, *grid)
+  a = np.asarray(jax.random.normal(jax.random.key(seed), (2,) + ids.shape))
+  expected = np.zeros((2, ids.shape[0], nb), np.float32)
+  for i in range(ids.shape[0]):
+    np.add.at(expected[:, i], (slice(None), ids[i]), a[:, i])
+  for impl in FAST_IMPLS:
+    np.testing.assert_allclose(ops.bucket_scatter(jnp.asarray(a), ids, nb,
+                                                  impl),
+                               expected, rtol=1e-5, atol=1e-5, err_msg=impl)
