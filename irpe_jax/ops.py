@@ -12,19 +12,24 @@ computed is the `impl`:
 
 - 'gather': `take_along_axis` for the gather, a contraction with the one-hot
   of `ids` for the scatter, each used as the other's backward (custom VJP),
-  so no XLA scatter-add is ever emitted.
-- 'factored': as 'gather', but the scatter exploits the structure of the ids
-  when they separate over the token grid, as those of 'product' and 'cross'
-  do: `ids[i, j] = A[ri, rj] + C[ci, cj]` on the spatial tokens, with one
+  so no XLA scatter-add is ever emitted. Custom VJPs have no forward-mode
+  autodiff (`jax.jvp`); the impls below without one do.
+- 'factored': as 'gather', but the scatter groups the ids by their structure
+  over the token grid. Ids that depend on the relative offset give every key
+  row offset a row class and every key column offset a column class, with
+  `ids = pair_ids[row class, column class]` on the spatial tokens and one
   shared bucket for the pairs that touch a skip token. The scatter over
-  `j = (rj, cj)` then factorises into a sum over `rj` into the row classes of
-  `A` and a sum over `cj` into the column classes of `C`:
-  `O(L * h * (nA * w) + L * nA * nC * w)` per head instead of the
-  `O(L * L * nb)` of the one-hot contraction (about 5x fewer operations at
-  DeiT-S shapes), written as two fused elementwise passes that XLA
-  vectorises. The structure is found from the ids alone, with numpy at trace
-  time (and cached); ids that do not separate (euclidean, quantization) fall
-  back to the one-hot contraction of 'gather'.
+  `j = (rj, cj)` then becomes a sum over `rj` into row classes and a sum
+  over `cj` into column classes, `O(L * h * nA * w + L * nA * nC * w)` per
+  head instead of the `O(L * L * nb)` of the one-hot contraction ('product'
+  and 'cross': `nA, nC <= 2b + 1`, each class pair its own bucket; about 4x
+  fewer operations and 6x faster at DeiT-S shapes), as two fused
+  elementwise passes that XLA vectorises, plus a small matmul from class
+  pairs to buckets when pairs share buckets (euclidean, quantization). The
+  grouping is found from the ids alone, with numpy at trace time (cached
+  per ids); where it would not pay (or the ids have no grid structure) the
+  scatter is the one-hot contraction of 'gather'. The table contraction's
+  gradient is also a custom VJP here and in 'gather' (see `_head_matmul`).
 - 'gather_xla': `take_along_axis` with XLA's default scatter-add backward; and
   `segment_sum` for v. Kept as the baseline the custom VJP is measured against.
 - 'onehot': both directions as one-hot contractions (matrix units on TPU).
@@ -86,11 +91,12 @@ def _take_gather(z, ids):
 
 
 class _Grid(NamedTuple):
-  """Bucket ids that separate over a `height x width` token grid.
+  """Bucket ids grouped by their structure over a `height x width` grid.
 
   For spatial tokens `i = skip + ri * width + ci`, `j = skip + rj * width + cj`:
-  `ids[i, j] = pair_ids[row_class[ri, rj], col_class[ci, cj]]`, and every pair
-  that touches one of the `skip` leading tokens has id `skip_bucket`.
+  `ids[i, j] = pair_ids[row_class[ri, rj] * num_col_classes +
+  col_class[ci, cj]]`, and every pair that touches one of the `skip` leading
+  tokens has id `skip_bucket`.
   """
   skip: int
   height: int
@@ -98,7 +104,7 @@ class _Grid(NamedTuple):
   skip_bucket: int
   row_class: np.ndarray  # (height, height) int32 in [0, num_row_classes).
   col_class: np.ndarray  # (width, width) int32 in [0, num_col_classes).
-  pair_ids: np.ndarray  # (num_row_classes * num_col_classes,) distinct ids.
+  pair_ids: np.ndarray  # (num_row_classes * num_col_classes,) ids.
 
   @property
   def num_row_classes(self) -> int:
@@ -108,22 +114,67 @@ class _Grid(NamedTuple):
   def num_col_classes(self) -> int:
     return int(self.col_class.max()) + 1
 
+  @property
+  def pairs_are_buckets(self) -> bool:
+    """Whether every (row class, column class) pair is its own bucket."""
+    return len(np.unique(self.pair_ids)) == len(self.pair_ids)
+
 
 def _divisors(n: int):
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def _classes(slices: np.ndarray) -> np.ndarray:
+  """Class of each row of `slices`: equal rows share a class.
+
+  Classes are numbered by their smallest id (then by first appearance), so
+  that for 'product' ids the pair (row class, column class) enumerates the
+  buckets in order.
+  Rows are hashed with a fixed random projection and the classes checked
+  exactly, so that large grids stay cheap at trace time.
+  """
+  slices = np.ascontiguousarray(slices, dtype=np.int64)
+  weights = np.random.default_rng(0).integers(
+      1, 2**62, size=slices.shape[1], dtype=np.int64)
+  with np.errstate(over='ignore'):
+    keys = slices @ weights  # Wraps around; any collision is caught below.
+  _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+  inverse = inverse.reshape(-1)
+  if not np.array_equal(slices, slices[first[inverse]]):
+    rows = slices.view(np.dtype((np.void, 8 * slices.shape[1]))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True,
+                                  return_inverse=True)
+    inverse = inverse.reshape(-1)
+  order = np.lexsort((first, slices[first].min(axis=1)))
+  rank = np.empty_like(order)
+  rank[order] = np.arange(len(order))
+  return rank[inverse].astype(np.int32)
+
+
+def _grid_cost(grid: _Grid, num_buckets: int) -> int:
+  """Operations of `_grid_scatter` per head, the width in 8-lane vectors."""
+  n = grid.height * grid.width
+  n_rows, n_cols = grid.num_row_classes, grid.num_col_classes
+  lanes = -(-grid.width // 8) * 8
+  cost = n * (grid.height * n_rows + n_rows * n_cols) * lanes
+  if not grid.pairs_are_buckets:
+    cost += n * n_rows * n_cols * num_buckets // 4  # A plain matmul.
+  return cost
+
+
 def _find_grid(ids: np.ndarray, num_buckets: int) -> Optional[_Grid]:
-  """The cheapest exact `_Grid` factorisation of `ids`, or None.
+  """The cheapest `_Grid` grouping of `ids`, or None if none pays.
 
   Tries every skip whose rows and columns hold one shared id, and every split
   of the remaining tokens into `height x width` (both >= 2: a `1 x n` split
-  always separates but leaves nothing to vectorise). A split is exact when
-  the spatial ids are a row part plus a column part and every (row value,
-  column value) pair is a distinct bucket in range. Among exact splits the
-  one with the fewest operations wins, counting the width (the vectorised
-  axis) in whole 8-lane vectors; splits that cost more than twice the one-hot
-  contraction are refused.
+  leaves nothing to group or vectorise). Key offsets (rj, cj) of query
+  (ri, ci) group by row class, the `(width, width)` slice of ids that
+  `(ri, rj)` sees, and by column class, the `(height, height)` slice that
+  `(ci, cj)` sees: any ids that depend only on the relative offset have at
+  most `2 * height - 1` row and `2 * width - 1` column classes ('product'
+  and 'cross' have `2b + 1`, with one bucket per pair of classes). The split
+  with the fewest operations wins; one that costs more than twice the
+  one-hot contraction is refused.
   """
   length = ids.shape[0]
   best, best_cost = None, 2 * length * length * num_buckets
@@ -131,31 +182,36 @@ def _find_grid(ids: np.ndarray, num_buckets: int) -> Optional[_Grid]:
     if skip and not ((ids[:skip] == ids[0, 0]).all() and
                      (ids[:, :skip] == ids[0, 0]).all()):
       break
-    spatial = ids[skip:, skip:].astype(np.int64)
     n = length - skip
-    for height in _divisors(n)[1:-1]:
+    # Squarest splits first: they are the likely winners, and their cost
+    # lets the others be skipped before their classes are computed.
+    for height in sorted(_divisors(n)[1:-1], key=lambda h: abs(h * h - n)):
       width = n // height
-      block = spatial.reshape(height, width, height, width)
-      row_part = block[:, 0, :, 0]
-      col_part = block[0, :, 0, :] - block[0, 0, 0, 0]
-      if not (block == row_part[:, None, :, None] +
-              col_part[None, :, None, :]).all():
-        continue
-      row_values, row_class = np.unique(row_part, return_inverse=True)
-      col_values, col_class = np.unique(col_part, return_inverse=True)
-      pair_ids = (row_values[:, None] + col_values[None, :]).ravel()
-      if (pair_ids.min() < 0 or pair_ids.max() >= num_buckets or
-          len(np.unique(pair_ids)) != len(pair_ids)):
-        continue
-      n_rows, n_cols = len(row_values), len(col_values)
       lanes = -(-width // 8) * 8
-      cost = n * (height * n_rows + n_rows * n_cols) * lanes
+      if n * (height + 1) * lanes >= best_cost:
+        continue
+      block = ids[skip:, skip:].reshape(height, width, height, width)
+      row_class = _classes(
+          block.transpose(0, 2, 1, 3).reshape(height * height, -1))
+      n_rows = int(row_class.max()) + 1
+      if n * (height + 1) * n_rows * lanes >= best_cost:
+        continue
+      col_class = _classes(
+          block.transpose(1, 3, 0, 2).reshape(width * width, -1))
+      n_cols = int(col_class.max()) + 1
+      # Each class pair's id, read at one representative offset of each.
+      row_rep = np.zeros(n_rows, np.int64)
+      row_rep[row_class] = np.arange(height * height)
+      col_rep = np.zeros(n_cols, np.int64)
+      col_rep[col_class] = np.arange(width * width)
+      pair_ids = block.transpose(0, 2, 1, 3).reshape(height * height, -1)[
+          row_rep[:, None], col_rep[None, :]].reshape(-1)
+      grid = _Grid(skip, height, width, int(ids[0, 0]) if skip else -1,
+                   row_class.reshape(height, height),
+                   col_class.reshape(width, width), pair_ids.astype(np.int32))
+      cost = _grid_cost(grid, num_buckets)
       if cost < best_cost:
-        best_cost = cost
-        best = _Grid(skip, height, width, int(ids[0, 0]) if skip else -1,
-                     row_class.reshape(height, height).astype(np.int32),
-                     col_class.reshape(width, width).astype(np.int32),
-                     pair_ids.astype(np.int32))
+        best, best_cost = grid, cost
   return best
 
 
@@ -204,7 +260,13 @@ def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
   # fused with the padding below, the pass above would not vectorise.
   s = jax.lax.optimization_barrier(s)
   s = s.reshape(a.shape[:-1] + (n_rows * n_cols,))
-  if np.array_equal(grid.pair_ids, np.arange(n_rows * n_cols)):
+  if not grid.pairs_are_buckets:
+    # Several class pairs share a bucket (e.g. euclidean): a plain matmul
+    # over the contiguous last axis.
+    s = jnp.einsum('...p,pt->...t', s,
+                   _onehot(grid.pair_ids, num_buckets, x.dtype),
+                   precision=_HIGHEST)
+  elif np.array_equal(grid.pair_ids, np.arange(n_rows * n_cols)):
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) +
                 [(0, num_buckets - n_rows * n_cols)])
   else:
