@@ -1,0 +1,1 @@
+"""Training configs: Python files whose `get_config()` returns a ConfigDict."""

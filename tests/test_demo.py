@@ -1,0 +1,54 @@
+"""The offline demo (`python -m experiments.demo`), in its --quick mode."""
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from experiments import demo
+
+PLOTS = ('learning_curves.png', 'accuracy.png', 'attention_maps.png',
+         'bucket_maps.png')
+
+
+def test_quick_demo_trains_every_variant_and_writes_its_outputs(tmp_path,
+                                                                capsys):
+  summary = demo.main(['--quick', '--outdir', str(tmp_path)])
+  printed = capsys.readouterr().out
+  variants = summary['variants']
+  assert list(variants) == list(demo.VARIANTS)
+  settings = demo.QUICK
+  for name, result in variants.items():
+    assert name in printed
+    assert len(result['test_accuracy']) == settings.num_seeds
+    assert all(0.0 <= a <= 1.0 for a in result['test_accuracy'])
+    curves = np.asarray(result['curves']['train_loss'])
+    assert curves.shape == (settings.num_seeds, settings.epochs)
+    assert np.all(np.isfinite(curves))
+    assert result['mean'] == np.mean(result['test_accuracy'])
+  # The variants are what they say: pos_embed, then one table per block.
+  dim, depth = settings.embed_dim, settings.depth
+  tokens = 1 + (8 // settings.patch_size) ** 2
+  head_dim, buckets = dim // settings.num_heads, 7 * 7 + 1
+  count = {n: r['num_params'] for n, r in variants.items()}
+  assert count['abs'] - count['none'] == tokens * dim
+  assert count['irpe_k'] - count['abs'] == depth * head_dim * buckets
+  assert count['irpe_qkv'] - count['abs'] == 3 * depth * head_dim * buckets
+  assert 'Ordering by mean test accuracy' in printed
+  with open(tmp_path / 'results.json') as f:
+    saved = json.load(f)
+  assert saved['table'] == summary['table']
+  assert set(saved['variants']) == set(demo.VARIANTS)
+  for plot in PLOTS:
+    with Image.open(tmp_path / plot) as image:
+      assert image.size[0] > 200 and image.size[1] > 200
+
+
+def test_shift_batch_translates_without_wrapping():
+  images = np.zeros((2, 3, 4, 4, 1), np.float32)
+  images[..., 1:3, 1:3, :] = 1.0
+  shifted = demo.shift_batch(images, 1, np.random.default_rng(0))
+  assert shifted.shape == images.shape
+  # Every 2x2 blob survives whole, moved by at most one pixel.
+  np.testing.assert_array_equal(shifted.sum(axis=(-3, -2, -1)), 4.0)
+  assert np.any(shifted != images)

@@ -1,0 +1,197 @@
+"""experiments.input_pipeline and experiments.optim: order, shards, mixing."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+import irpe_jax
+from experiments import input_pipeline
+from experiments import optim
+from irpe_jax import models
+
+
+def make_source(num_examples=12):
+  """Random-access list of examples whose label is their index."""
+  rng = np.random.default_rng(0)
+  return [{'image': rng.integers(0, 255, (12, 10, 3)).astype(np.uint8),
+           'label': i} for i in range(num_examples)]
+
+
+def make_config(**overrides):
+  config = ml_collections.ConfigDict({
+      'batch_size': 4, 'eval_batch_size': 4, 'image_size': 8,
+      'randaugment_ops': 2, 'random_erasing': 0.5, 'num_threads': 2,
+      'prefetch': 2, 'crop_fraction': 1.0})
+  config.update(overrides)
+  return config
+
+
+def take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def fake_hosts(monkeypatch, count, index):
+  monkeypatch.setattr(jax, 'process_count', lambda: count)
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+
+
+def test_global_batch_does_not_depend_on_the_number_of_hosts(monkeypatch):
+  source, config = make_source(), make_config()
+  whole = take(input_pipeline.train_iterator(source, config, 0, 5, seed=3), 5)
+  parts = []
+  for host in range(2):
+    fake_hosts(monkeypatch, 2, host)
+    parts.append(take(input_pipeline.train_iterator(source, config, 0, 5,
+                                                    seed=3), 5))
+  for step in range(5):
+    assert parts[0][step]['image'].shape == (2, 8, 8, 3)
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][key], parts[1][step][key]]),
+          whole[step][key])
+
+
+def test_resuming_at_a_step_continues_the_same_stream():
+  source, config = make_source(), make_config()
+  first = take(input_pipeline.train_iterator(source, config, 0, 5, seed=1), 5)
+  resumed = take(input_pipeline.train_iterator(source, config, 3, 5, seed=1),
+                 2)
+  for a, b in zip(first[3:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def test_each_epoch_is_a_new_permutation_of_all_examples():
+  source, config = make_source(12), make_config()
+  batches = take(input_pipeline.train_iterator(source, config, 0, 6, seed=0),
+                 6)
+  labels = np.concatenate([b['label'] for b in batches])
+  epoch_0, epoch_1 = labels[:12], labels[12:]
+  assert sorted(epoch_0) == sorted(epoch_1) == list(range(12))
+  assert not np.array_equal(epoch_0, epoch_1)
+
+
+def test_eval_batches_cover_each_example_once_across_hosts(monkeypatch):
+  source, config = make_source(10), make_config()
+  seen, lengths = [], []
+  for host in range(2):
+    fake_hosts(monkeypatch, 2, host)
+    batches = list(input_pipeline.eval_batches(source, config))
+    lengths.append(len(batches))
+    for batch in batches:
+      assert batch['image'].shape == (2, 8, 8, 3)
+      seen += batch['label'][batch['mask'] > 0].tolist()
+  assert lengths[0] == lengths[1]
+  assert sorted(seen) == list(range(10))
+
+
+def constant_images(batch=4, size=8):
+  """Image i is the constant i; one-hot targets of class i."""
+  images = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.float32)[:, None,
+                                                                  None, None],
+                            (batch, size, size, 1))
+  return images, jax.nn.one_hot(jnp.arange(batch), batch)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_cutmix_targets_match_the_share_of_pixels(seed):
+  images, targets = constant_images()
+  mixed, mixed_targets = input_pipeline.mixup_cutmix(
+      jax.random.key(seed), images, targets, mixup_alpha=0.0,
+      cutmix_alpha=1.0)
+  for i in range(4):  # image i is mixed with image 3 - i.
+    np.testing.assert_allclose(mixed_targets[i, i], jnp.mean(mixed[i] == i),
+                               atol=1e-6)
+    np.testing.assert_allclose(mixed_targets[i, 3 - i],
+                               jnp.mean(mixed[i] == 3 - i), atol=1e-6)
+  np.testing.assert_allclose(mixed_targets.sum(-1), 1.0, atol=1e-6)
+
+
+def test_mixup_blends_images_and_targets_with_one_lambda():
+  images, targets = constant_images()
+  mixed, mixed_targets = input_pipeline.mixup_cutmix(
+      jax.random.key(0), images, targets, mixup_alpha=0.8, cutmix_alpha=0.0)
+  lam = mixed_targets[0, 0]
+  assert 0.0 <= lam <= 1.0
+  for i in range(4):
+    np.testing.assert_allclose(mixed[i], lam * i + (1 - lam) * (3 - i),
+                               atol=1e-5)
+    np.testing.assert_allclose(mixed_targets[i, i], lam, atol=1e-6)
+
+
+def test_smooth_one_hot_is_timm_label_smoothing():
+  targets = input_pipeline.smooth_one_hot(jnp.array([2]), 5, 0.1)
+  np.testing.assert_allclose(targets, [[0.02, 0.02, 0.92, 0.02, 0.02]],
+                             atol=1e-6)
+
+
+def test_transforms_give_normalised_crops_of_the_configured_size():
+  config = make_config(image_size=16)
+  image = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(
+      np.uint8)
+  rng = np.random.default_rng(0)
+  for _ in range(8):
+    out = input_pipeline.train_transform(image, rng, config)
+    assert out.shape == (16, 16, 3) and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+  out = input_pipeline.eval_transform(image, config)
+  assert out.shape == (16, 16, 3)
+  grey = input_pipeline.eval_transform(np.full((20, 20, 1), 128, np.uint8),
+                                       config)
+  np.testing.assert_allclose(grey, np.broadcast_to(
+      (128 / 255 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD,
+      grey.shape), atol=1e-5)
+
+
+def test_random_erasing_replaces_one_rectangle():
+  image = np.zeros((16, 16, 3), np.float32)
+  out = input_pipeline.random_erasing(image, np.random.default_rng(0),
+                                      prob=1.0)
+  rows, cols = np.nonzero(np.any(out != 0, -1))
+  assert rows.size > 0
+  box = out[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+  assert np.all(np.any(box != 0, -1))
+
+
+def test_image_folder_source_labels_sorted_class_folders(tmp_path):
+  for name, colour in (('b_cat', 200), ('a_dog', 50)):
+    (tmp_path / 'train' / name).mkdir(parents=True)
+    Image.fromarray(np.full((5, 6), colour, np.uint8)).save(
+        tmp_path / 'train' / name / 'x.png')
+  source, num_classes = input_pipeline.get_source(f'folder:{tmp_path}',
+                                                  'train')
+  assert num_classes == 2 and len(source) == 2
+  example = source[0]
+  assert example['label'] == 0 and example['image'].shape == (5, 6, 3)
+  assert example['image'][0, 0, 0] == 50  # a_dog comes first.
+  with pytest.raises(ValueError, match='does not exist'):
+    input_pipeline.get_source(f'folder:{tmp_path}', 'test')
+
+
+def test_no_weight_decay_on_biases_norms_tokens_and_irpe_tables():
+  model = models.VisionTransformer(
+      img_size=8, patch_size=4, num_classes=3, embed_dim=8, depth=1,
+      num_heads=2, rpe_config=irpe_jax.get_rpe_config(skip=1, rpe_on='qkv'))
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          jnp.zeros((1, 8, 8, 3)))['params']
+  mask = optim.decay_mask(params)
+  assert not mask['cls_token'] and not mask['pos_embed']
+  assert not mask['norm']['scale'] and not mask['head']['bias']
+  attn = mask['blocks_0']['attn']
+  assert not any(attn[t]['lookup_table_weight']
+                 for t in ('rpe_q', 'rpe_k', 'rpe_v'))
+  assert attn['qkv']['kernel'] and not attn['qkv']['bias']
+  assert mask['head']['kernel'] and mask['patch_embed']['proj']['kernel']
+
+
+def test_schedule_scales_with_batch_warms_up_and_decays():
+  peak = optim.scaled_learning_rate(5e-4, 1024)
+  assert peak == pytest.approx(1e-3)
+  schedule = optim.make_schedule(peak, total_steps=100, warmup_steps=10)
+  lrs = [optim.learning_rate_at(schedule, s) for s in (0, 5, 10, 50, 100)]
+  assert lrs[0] == pytest.approx(1e-6, rel=1e-4)
+  assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(peak, rel=1e-4)
+  assert lrs[2] > lrs[3] > lrs[4] == pytest.approx(1e-5, rel=1e-4)
