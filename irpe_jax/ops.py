@@ -414,10 +414,13 @@ def _head_matmul_bwd(res, g):
   if table.shape[0] == 1:
     dx = jnp.einsum('bhln,kn->bhlk', g, table[0])
     k, n = table.shape[1:]
-    dtable = jnp.dot(x.reshape(-1, k).T, g.reshape(-1, n))[None]
+    # Long sums over B * H * L rows: accumulate in float32 for bf16 inputs.
+    dtable = jnp.dot(x.reshape(-1, k).T, g.reshape(-1, n),
+                     preferred_element_type=jnp.float32)[None]
   else:
     dx = jnp.einsum('bhln,hkn->bhlk', g, table)
-    dtable = jnp.einsum('bhlk,bhln->hkn', x, g)
+    dtable = jnp.einsum('bhlk,bhln->hkn', x, g,
+                        preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dtable.astype(table.dtype)
 
 
