@@ -134,9 +134,11 @@ def _build(args: argparse.Namespace, impls: Sequence[str]) -> Dict[str, Entry]:
 
 def _time(entries: Dict[str, Entry], warmup: int, repeats: int,
           seed: int) -> None:
-  """Round-robin timing: each round calls every entry once, in a fresh random
-  order (a fixed order measurably slows whatever runs right after the
-  attention core's large buffers are freed)."""
+  """Round-robin timing: each round calls every entry once.
+
+  Each round takes a fresh random order: a fixed order measurably slowed
+  whatever ran right after the attention core.
+  """
   rng = random.Random(seed)
   order = list(entries.values())
   for round_index in range(warmup + repeats):
