@@ -40,7 +40,27 @@ def resolve_fields(head_dim, num_heads, mode, method, transposed, num_buckets,
   return mode, method, num_buckets
 
 
-class IRPE(nn.Module):
+class _TableModule(nn.Module):
+  """Fields shared by `IRPE` and `IRPECross` (see `IRPE`)."""
+  head_dim: int
+  num_heads: int = 1
+  mode: Optional[str] = None
+  method: Optional[str] = None
+  transposed: bool = True
+  num_buckets: Optional[int] = None
+  rpe_config: Optional[config_lib.SingleRPEConfig] = None
+  impl: str = 'auto'
+  table_init: Initializer = nn.initializers.zeros_init()
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+
+  def resolved_fields(self):
+    return resolve_fields(self.head_dim, self.num_heads, self.mode,
+                          self.method, self.transposed, self.num_buckets,
+                          self.rpe_config, self.impl)
+
+
+class IRPE(_TableModule):
   """One iRPE lookup table, as `iRPE` of the release.
 
   Attributes:
@@ -58,25 +78,12 @@ class IRPE(nn.Module):
     dtype: computation dtype; default the input's.
     param_dtype: dtype of the table.
   """
-  head_dim: int
-  num_heads: int = 1
-  mode: Optional[str] = None
-  method: Optional[str] = None
-  transposed: bool = True
-  num_buckets: Optional[int] = None
-  rpe_config: Optional[config_lib.SingleRPEConfig] = None
-  impl: str = 'auto'
-  table_init: Initializer = nn.initializers.zeros_init()
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None) -> jax.Array:
     """Encodes `x`; see `irpe_jax.core.rpe_lookup` for shapes."""
-    mode, method, num_buckets = resolve_fields(
-        self.head_dim, self.num_heads, self.mode, self.method,
-        self.transposed, self.num_buckets, self.rpe_config, self.impl)
+    mode, method, num_buckets = self.resolved_fields()
     if method == buckets.CROSS:
       raise ValueError("method='cross' holds two tables: use IRPECross.")
     name, shape = ops.table_shape(mode, self.transposed, self.num_heads,
@@ -90,29 +97,16 @@ class IRPE(nn.Module):
         impl=self.impl)
 
 
-class IRPECross(nn.Module):
+class IRPECross(_TableModule):
   """The cross method: a rows table and a columns table, summed.
 
   Same attributes as `IRPE`; the children are `rp_rows` and `rp_cols`.
   """
-  head_dim: int
-  num_heads: int = 1
-  mode: Optional[str] = None
-  method: Optional[str] = None
-  transposed: bool = True
-  num_buckets: Optional[int] = None
-  rpe_config: Optional[config_lib.SingleRPEConfig] = None
-  impl: str = 'auto'
-  table_init: Initializer = nn.initializers.zeros_init()
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None) -> jax.Array:
-    mode, method, num_buckets = resolve_fields(
-        self.head_dim, self.num_heads, self.mode, self.method,
-        self.transposed, self.num_buckets, self.rpe_config, self.impl)
+    mode, method, num_buckets = self.resolved_fields()
     if method != buckets.CROSS:
       raise ValueError(f"IRPECross needs method='cross', got {method!r}.")
     out = 0
@@ -129,11 +123,16 @@ class IRPECross(nn.Module):
 
 def build_single_rpe(rpe_config: Optional[config_lib.SingleRPEConfig],
                      transposed: bool, head_dim: int, num_heads: int,
-                     **kwargs) -> Optional[nn.Module]:
-  """The module for one of q/k/v, or None where the config is None."""
+                     classes: Tuple[type, type] = (IRPE, IRPECross),
+                     **kwargs) -> Optional[Any]:
+  """The module for one of q/k/v, or None where the config is None.
+
+  `classes` are the (single table, cross) module classes: Linen's by default,
+  `irpe_jax.nnx` passes its own.
+  """
   if rpe_config is None:
     return None
-  cls = IRPECross if rpe_config.method == buckets.CROSS else IRPE
+  cls = classes[1] if rpe_config.method == buckets.CROSS else classes[0]
   return cls(head_dim=head_dim,
              num_heads=1 if rpe_config.shared_head else num_heads,
              transposed=transposed, rpe_config=rpe_config, **kwargs)

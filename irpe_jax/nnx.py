@@ -19,7 +19,7 @@ from irpe_jax import buckets
 from irpe_jax import config as config_lib
 from irpe_jax import core
 from irpe_jax import ops
-from irpe_jax.linen import resolve_fields
+from irpe_jax import linen as rpe_linen
 
 _zeros = jax.nn.initializers.zeros
 _lecun_normal = jax.nn.initializers.lecun_normal()
@@ -38,7 +38,7 @@ class IRPE(nnx.Module):
                impl: str = 'auto', table_init: Any = _zeros,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                *, rngs: nnx.Rngs):
-    mode, method, num_buckets = resolve_fields(
+    mode, method, num_buckets = rpe_linen.resolve_fields(
         head_dim, num_heads, mode, method, transposed, num_buckets,
         rpe_config, impl)
     if method == buckets.CROSS:
@@ -71,7 +71,7 @@ class IRPECross(nnx.Module):
                impl: str = 'auto', table_init: Any = _zeros,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                *, rngs: nnx.Rngs):
-    mode, method, num_buckets = resolve_fields(
+    mode, method, num_buckets = rpe_linen.resolve_fields(
         head_dim, num_heads, mode, method, transposed, num_buckets,
         rpe_config, impl)
     if method != buckets.CROSS:
@@ -91,13 +91,10 @@ class IRPECross(nnx.Module):
 def build_single_rpe(rpe_config: Optional[config_lib.SingleRPEConfig],
                      transposed: bool, head_dim: int, num_heads: int,
                      **kwargs) -> Optional[nnx.Module]:
-  """The module for one of q/k/v, or None where the config is None."""
-  if rpe_config is None:
-    return None
-  cls = IRPECross if rpe_config.method == buckets.CROSS else IRPE
-  return cls(head_dim=head_dim,
-             num_heads=1 if rpe_config.shared_head else num_heads,
-             transposed=transposed, rpe_config=rpe_config, **kwargs)
+  """The NNX module for one of q/k/v, or None where the config is None."""
+  return rpe_linen.build_single_rpe(rpe_config, transposed, head_dim,
+                                    num_heads, classes=(IRPE, IRPECross),
+                                    **kwargs)
 
 
 def build_rpe(config: Optional[config_lib.RPEConfig], head_dim: int,
