@@ -112,6 +112,16 @@ def load_pretrained(path: str, params: Any, model: Any) -> Any:
   return flax.traverse_util.unflatten_dict(fresh)
 
 
+def replicate(tree: Any, sharding: NamedSharding) -> Any:
+  """Places host values, equal on every process, replicated on `sharding`."""
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda i: x[i])
+
+  return jax.tree.map(put, tree)
+
+
 class MetricWriter:
   """Metrics to the console, `metrics.jsonl` and TensorBoard (process 0)."""
 
@@ -207,8 +217,9 @@ def train_and_evaluate(config: Any, workdir: str,
             'opt_state': tx.init(params),
             'rng': jax.random.key_data(jax.random.fold_in(rng, 1))}
 
-  rng = jax.random.key(config.seed)
-  state = jax.jit(init, out_shardings=replicated)(rng)
+  # Eager init: its small ops compile once per process and serve later runs
+  # in it (tests, sweeps), where a jitted init recompiles for seconds.
+  state = replicate(init(jax.random.key(config.seed)), replicated)
   # Synchronous saves by default: async ones of two managers raced across
   # processes in orbax 0.12 (metadata of one process validated too early).
   use_async = config.get('async_checkpoints', False)
@@ -233,8 +244,8 @@ def train_and_evaluate(config: Any, workdir: str,
   elif config.get('init_from'):
     params = load_pretrained(config.init_from,
                              jax.device_get(state['params']), model)
-    state = jax.jit(lambda s, p: {**s, 'params': p, 'opt_state': tx.init(p)},
-                    out_shardings=replicated)(state, params)
+    state = replicate({**state, 'params': params,
+                       'opt_state': tx.init(params)}, replicated)
   start_step = int(state['step'])
 
   # --- Steps ----------------------------------------------------------------
@@ -259,7 +270,7 @@ def train_and_evaluate(config: Any, workdir: str,
     loss, grads = jax.value_and_grad(loss_fn)(state['params'])
     updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                'lr': schedule(state['step'])}
     return {'step': state['step'] + 1, 'params': params,
             'opt_state': opt_state, 'rng': state['rng']}, metrics

@@ -23,8 +23,11 @@ def tiny_config(dataset: str):
   config.input.eval_batch_size = 8
   config.input.image_size = 16
   config.input.num_threads = 2
+  # No qkv bias: the key bias has an exactly zero gradient (softmax ignores
+  # a per-row constant), so Adam would turn its rounding noise into lr-sized
+  # steps that differ with the device count.
   config.model.update(patch_size=4, embed_dim=16, depth=1, num_heads=2,
-                      drop_path_rate=0.1)
+                      drop_path_rate=0.1, qkv_bias=False)
   config.rpe = {'ratio': 1.9, 'method': 'product', 'mode': 'ctx',
                 'shared_head': True, 'skip': 1, 'rpe_on': 'qkv'}
   config.optim.base_lr = 0.05  # large enough for params to move visibly.
