@@ -136,6 +136,10 @@ def test_bfloat16_runs_finite(impl, target):
   np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=0.05, atol=0.1)
 
 
+# The impls with custom VJPs, whose rules must survive every transformation.
+CUSTOM_VJP_IMPLS = ('gather', 'factored')
+
+
 class TransformsTest(chex.TestCase):
   """Encodings and their gradients under jax transformations."""
 
@@ -149,30 +153,34 @@ class TransformsTest(chex.TestCase):
   def test_variants(self):
     ids = self.ids
 
-    @self.variant
-    def f(x, table):
-      return _encode('gather', 'k', x, table, ids)
+    for impl in CUSTOM_VJP_IMPLS:
 
-    chex.assert_trees_all_close(f(self.x, self.table), self.expected,
-                                rtol=1e-5)
+      @self.variant
+      def f(x, table, impl=impl):
+        return _encode(impl, 'k', x, table, ids)
+
+      chex.assert_trees_all_close(f(self.x, self.table), self.expected,
+                                  rtol=1e-5)
 
   def test_vmap_over_batch(self):
-    f = jax.vmap(lambda x: _encode('gather', 'k', x[None], self.table,
-                                   self.ids)[0])
-    chex.assert_trees_all_close(f(self.x), self.expected, rtol=1e-5)
+    for impl in CUSTOM_VJP_IMPLS:
+      f = jax.vmap(lambda x, impl=impl: _encode(impl, 'k', x[None], self.table,
+                                                self.ids)[0])
+      chex.assert_trees_all_close(f(self.x), self.expected, rtol=1e-5)
 
   def test_pmap_over_four_devices(self):
     n = jax.local_device_count()
     self.assertGreaterEqual(n, 4, 'conftest sets 4 host devices')
     x = jnp.broadcast_to(self.x, (4,) + self.x.shape)
-    g = jax.pmap(jax.grad(lambda x, t: jnp.sum(
-        _encode('gather', 'k', x, t, self.ids) ** 2), argnums=1),
-                 in_axes=(0, None), devices=jax.local_devices()[:4])(
-                     x, self.table)
     ref = jax.grad(lambda t: jnp.sum(
         _encode('naive', 'k', self.x, t, self.ids) ** 2))(self.table)
-    chex.assert_trees_all_close(g, jnp.broadcast_to(ref, (4,) + ref.shape),
-                                rtol=1e-5)
+    for impl in CUSTOM_VJP_IMPLS:
+      g = jax.pmap(jax.grad(lambda x, t, impl=impl: jnp.sum(
+          _encode(impl, 'k', x, t, self.ids) ** 2), argnums=1),
+                   in_axes=(0, None), devices=jax.local_devices()[:4])(
+                       x, self.table)
+      chex.assert_trees_all_close(g, jnp.broadcast_to(ref, (4,) + ref.shape),
+                                  rtol=1e-5)
 
   def test_sharded_jit_and_shard_map(self):
     # Auto axes: with jax's Explicit default even a plain Dense's weight
@@ -181,20 +189,33 @@ class TransformsTest(chex.TestCase):
                          axis_types=(jax.sharding.AxisType.Auto,))
     x = jnp.concatenate([self.x] * 2)  # batch 4, one example per device
     x = jax.device_put(x, NamedSharding(mesh, P('data')))
-    loss = lambda x, t: jnp.sum(_encode('gather', 'k', x, t, self.ids) ** 2)
-    grad_sharded = jax.jit(jax.grad(loss, argnums=1))(x, self.table)
-
-    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P('data'), P()),
-                       out_specs=P('data'))
-    def encode_per_shard(x, t):
-      return _encode('gather', 'k', x, t, self.ids)
-
-    grad_shard_map = jax.jit(jax.grad(
-        lambda x, t: jnp.sum(encode_per_shard(x, t) ** 2), argnums=1))
     ref = 2 * jax.grad(lambda t: jnp.sum(
         _encode('naive', 'k', self.x, t, self.ids) ** 2))(self.table)
-    chex.assert_trees_all_close(grad_sharded, ref, rtol=1e-5)
-    chex.assert_trees_all_close(grad_shard_map(x, self.table), ref, rtol=1e-5)
+    for impl in CUSTOM_VJP_IMPLS:
+      loss = lambda x, t, impl=impl: jnp.sum(
+          _encode(impl, 'k', x, t, self.ids) ** 2)
+      grad_sharded = jax.jit(jax.grad(loss, argnums=1))(x, self.table)
+
+      @functools.partial(jax.shard_map, mesh=mesh,
+                         in_specs=(P('data'), P()), out_specs=P('data'))
+      def encode_per_shard(x, t, impl=impl):
+        return _encode(impl, 'k', x, t, self.ids)
+
+      grad_shard_map = jax.jit(jax.grad(
+          lambda x, t: jnp.sum(encode_per_shard(x, t) ** 2), argnums=1))
+      chex.assert_trees_all_close(grad_sharded, ref, rtol=1e-5)
+      chex.assert_trees_all_close(grad_shard_map(x, self.table), ref,
+                                  rtol=1e-5)
+
+    @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P('data'), P()),
+                       out_specs=P())
+    def table_grad_inside_shard_map(x, t):
+      # The gradient of a replicated table, taken inside: summed over devices.
+      return jax.grad(lambda t: jnp.sum(
+          _encode('factored', 'k', x, t, self.ids) ** 2))(t)
+
+    chex.assert_trees_all_close(table_grad_inside_shard_map(x, self.table),
+                                ref, rtol=1e-5)
 
 
 def test_auto_resolves_per_backend():
