@@ -296,7 +296,8 @@ def plot_accuracy(results: Dict[str, Any], path: str) -> None:
     ax.scatter(np.full(len(res['test_accuracy']), i), res['test_accuracy'],
                color='k', zorder=3, s=14)
   ax.set_xticks(range(len(names)),
-                [results[n]['description'] for n in names], rotation=15)
+                [results[n]['description'] for n in names], rotation=15,
+                ha='right')
   low = min(min(r['test_accuracy']) for r in results.values())
   ax.set_ylim(max(0.0, low - 0.05), 1.0)
   ax.set(ylabel='test accuracy', title='Digits, final test accuracy')

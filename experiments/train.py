@@ -233,14 +233,15 @@ def train_and_evaluate(config: Any, workdir: str,
       options=ocp.CheckpointManagerOptions(
           max_to_keep=1, create=True, best_fn=lambda m: m['top1'],
           best_mode='max', enable_async_checkpointing=use_async))
+  data_position = 0  # steps of data consumed: the stream is a function of it.
   if checkpoints.latest_step() is not None:
     restored = checkpoints.restore(
         checkpoints.latest_step(), args=ocp.args.Composite(
             state=ocp.args.StandardRestore(state),
             data=ocp.args.JsonRestore()))
-    state = restored.state
-    logging.info('Resumed from step %d (data position %s).',
-                 int(state['step']), restored.data)
+    state, data_position = restored.state, restored.data['data_position']
+    logging.info('Resumed at step %d, data position %d.', int(state['step']),
+                 data_position)
   elif config.get('init_from'):
     params = load_pretrained(config.init_from,
                              jax.device_get(state['params']), model)
@@ -318,7 +319,7 @@ def train_and_evaluate(config: Any, workdir: str,
   # --- Loop -----------------------------------------------------------------
   writer = MetricWriter(workdir, total_steps)
   batches = input_pipeline.train_iterator(
-      train_source, config.input, start_step, total_steps, config.seed)
+      train_source, config.input, data_position, total_steps, config.seed)
   log_every = config.get('log_every_steps', 50)
   eval_every = config.get('eval_every_steps', 0)
   ckpt_every = config.get('checkpoint_every_steps', 0)

@@ -18,6 +18,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import plot_metrics
 from experiments import train
 import train_worker
 
@@ -116,6 +117,9 @@ def test_run_writes_metrics_checkpoints_and_moves_params(four_device_run):
   # The iRPE tables start at zero and must have been trained.
   table = out['params']['blocks_0']['attn']['rpe_k']['lookup_table_weight']
   assert np.abs(table).max() > 0
+  plot_metrics.main([str(workdir), '--out', str(workdir / 'curves.png')])
+  with Image.open(workdir / 'curves.png') as image:
+    assert image.size[0] > 200
 
 
 def test_one_device_matches_four_devices(four_device_run, image_folder,

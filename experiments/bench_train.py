@@ -1,0 +1,150 @@
+r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
+
+  python -m experiments.bench_train [--batch 16] [--steps 3] [--rounds 3]
+
+One full training step (forward, backward, AdamW update, drop path on) of
+each model at 224px on random data, in one process. Rounds alternate between
+the models so that a busy machine slows them alike; each model's time is its
+best round. Prints images/s, the cost over plain DeiT-S, the first-step
+(compile) time and XLA's peak memory of the compiled step (arguments, outputs
+and temporaries, less what donation aliases).
+
+The paper's efficient iRPE aims at a small overhead; targets here: iRPE-K at
+most 3% over plain DeiT-S, iRPE-QKV at most 10%.
+"""
+
+import argparse
+import sys
+import time
+from typing import Any, Dict, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from experiments import optim
+from irpe_jax import models
+
+MODELS = (
+    ('DeiT-S', 'deit_small_patch16_224'),
+    ('DeiT-S + iRPE-K', 'deit_small_patch16_224_ctx_product_50_shared_k'),
+    ('DeiT-S + iRPE-QKV', 'deit_small_patch16_224_ctx_product_50_shared_qkv'),
+)
+TARGETS = {'DeiT-S + iRPE-K': 0.03, 'DeiT-S + iRPE-QKV': 0.10}
+
+
+def make_step(name: str, batch: int, image_size: int, impl: str,
+              dtype: Any) -> Dict[str, Any]:
+  """Compiles one training step of model `name`; returns it and its state."""
+  model = models.create_model(name, drop_path_rate=0.1, impl=impl,
+                              img_size=image_size, dtype=dtype)
+  tx = optim.make_optimizer(optim.make_schedule(1e-3, 1000, 10), 0.05)
+  params = jax.jit(model.init)(
+      jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))['params']
+  state = (params, tx.init(params))
+  images = jax.random.normal(jax.random.key(1),
+                             (batch, image_size, image_size, 3))
+  labels = jnp.arange(batch) % model.num_classes
+
+  def train_step(state, images, labels, rng):
+    params, opt_state = state
+
+    def loss_fn(p):
+      logits = model.apply({'params': p}, images, train=True,
+                           rngs={'dropout': rng})
+      return optax.softmax_cross_entropy_with_integer_labels(
+          logits.astype(jnp.float32), labels).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  step = jax.jit(train_step, donate_argnums=0)
+  start = time.perf_counter()
+  compiled = step.lower(state, images, labels, jax.random.key(2)).compile()
+  state, loss = compiled(state, images, labels, jax.random.key(2))
+  jax.block_until_ready(loss)
+  first_step = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  peak = None
+  if memory is not None:
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes +
+            memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+  return {'step': compiled, 'state': state, 'images': images,
+          'labels': labels, 'first_step_s': first_step, 'peak_bytes': peak,
+          'times': []}
+
+
+def time_steps(entry: Dict[str, Any], steps: int) -> float:
+  """Seconds per step over `steps` consecutive steps."""
+  start = time.perf_counter()
+  for i in range(steps):
+    entry['state'], loss = entry['step'](entry['state'], entry['images'],
+                                         entry['labels'], jax.random.key(i))
+  jax.block_until_ready(loss)
+  return (time.perf_counter() - start) / steps
+
+
+def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--batch', type=int, default=16)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--steps', type=int, default=3,
+                      help='timed steps per round')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='rounds alternating between the models')
+  parser.add_argument('--impl', default='auto', help='iRPE lookup impl')
+  parser.add_argument('--dtype', default='float32',
+                      help="compute dtype, e.g. 'bfloat16'")
+  args = parser.parse_args(argv)
+  dtype = None if args.dtype == 'float32' else jnp.dtype(args.dtype)
+  print(f'{jax.device_count()} {jax.default_backend()} device(s): '
+        f'{jax.devices()[0].device_kind}; batch {args.batch}, '
+        f'{args.image_size}px, {args.dtype}, iRPE impl {args.impl!r}.',
+        flush=True)
+  entries = {}
+  for label, name in MODELS:
+    entries[label] = make_step(name, args.batch, args.image_size, args.impl,
+                               dtype)
+    print(f'  compiled {label}: first step {entries[label]["first_step_s"]:.1f}'
+          f' s', flush=True)
+  for round_index in range(args.rounds):
+    for label, entry in entries.items():
+      entry['times'].append(time_steps(entry, args.steps))
+    print(f'  round {round_index + 1}/{args.rounds}: ' + ', '.join(
+        f'{label} {entry["times"][-1]:.3f} s/step'
+        for label, entry in entries.items()), flush=True)
+
+  base = min(entries['DeiT-S']['times'])
+  print(f'\n| model | images/s | s/step | vs DeiT-S | target | first step '
+        f'(compile) s | peak memory MiB |')
+  print('|---|---|---|---|---|---|---|')
+  results = {}
+  for label, entry in entries.items():
+    best = min(entry['times'])
+    overhead = best / base - 1.0
+    target = TARGETS.get(label)
+    verdict = ''
+    if target is not None:
+      verdict = f'<= {100 * target:.0f}% ' + ('met' if overhead <= target
+                                              else 'MISSED')
+    peak = entry['peak_bytes']
+    peak_text = f'{peak / 2**20:.0f}' if peak is not None else 'n/a'
+    print(f'| {label} | {args.batch / best:.2f} | {best:.3f} | '
+          f'{100 * overhead:+.1f}% | {verdict} | {entry["first_step_s"]:.1f} '
+          f'| {peak_text} |')
+    results[label] = {'images_per_sec': args.batch / best,
+                      'seconds_per_step': best, 'overhead': overhead,
+                      'first_step_s': entry['first_step_s'],
+                      'peak_bytes': peak,
+                      'all_times': [float(t) for t in entry['times']]}
+  spread = {label: float(np.std(e['times']) / np.mean(e['times']))
+            for label, e in entries.items()}
+  print('\nRound-to-round spread (std/mean): ' + ', '.join(
+      f'{label} {100 * s:.1f}%' for label, s in spread.items()))
+  return results
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
