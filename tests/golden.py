@@ -3,6 +3,7 @@
 They live beside the repository, in ../shared/golden.
 """
 
+import functools
 import json
 import pathlib
 
@@ -12,11 +13,17 @@ GOLDEN_DIR = (pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' /
               'golden').resolve()
 
 
+@functools.lru_cache(maxsize=None)
+def arrays(name: str) -> dict:
+  """All arrays of `golden/NAME.npz`, read once (and the file closed)."""
+  with np.load(GOLDEN_DIR / f'{name}.npz') as npz:
+    return dict(npz)
+
+
 def cases(name: str):
   """`(case, arrays)` pairs of `golden/NAME.json` and `NAME.npz`."""
   index = json.loads((GOLDEN_DIR / f'{name}.json').read_text())
-  arrays = np.load(GOLDEN_DIR / f'{name}.npz')
-  return [(c, _Case(arrays, c['key'])) for c in index]
+  return [(c, _Case(arrays(name), c['key'])) for c in index]
 
 
 class _Case:
