@@ -1,6 +1,7 @@
 r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
 
   python -m experiments.bench_train [--batch 16] [--steps 3] [--rounds 3]
+      [--impl auto[,onehot,...]]
 
 One full training step (forward, backward, AdamW update, drop path on) of
 each model at 224px on random data, in one process. Rounds alternate between
@@ -94,7 +95,9 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
                       help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=3,
                       help='rounds alternating between the models')
-  parser.add_argument('--impl', default='auto', help='iRPE lookup impl')
+  parser.add_argument('--impl', default='auto',
+                      help='iRPE lookup impl, or a comma-separated list to '
+                      'compare (see irpe_jax.IMPLS)')
   parser.add_argument('--dtype', default='float32',
                       help="compute dtype, e.g. 'bfloat16'")
   args = parser.parse_args(argv)
@@ -103,12 +106,17 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
         f'{jax.devices()[0].device_kind}; batch {args.batch}, '
         f'{args.image_size}px, {args.dtype}, iRPE impl {args.impl!r}.',
         flush=True)
+  impls = args.impl.split(',')
   entries = {}
-  for label, name in MODELS:
-    entries[label] = make_step(name, args.batch, args.image_size, args.impl,
-                               dtype)
-    print(f'  compiled {label}: first step {entries[label]["first_step_s"]:.1f}'
-          f' s', flush=True)
+  for model_label, name in MODELS:
+    for impl in impls if model_label in TARGETS else impls[:1]:
+      label = model_label
+      if len(impls) > 1 and model_label in TARGETS:
+        label = f'{model_label} [{impl}]'
+      entries[label] = make_step(name, args.batch, args.image_size, impl,
+                                 dtype)
+      print(f'  compiled {label}: first step '
+            f'{entries[label]["first_step_s"]:.1f} s', flush=True)
   for round_index in range(args.rounds):
     for label, entry in entries.items():
       entry['times'].append(time_steps(entry, args.steps))
@@ -124,7 +132,7 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
   for label, entry in entries.items():
     best = min(entry['times'])
     overhead = best / base - 1.0
-    target = TARGETS.get(label)
+    target = TARGETS.get(label.split(' [')[0])
     verdict = ''
     if target is not None:
       verdict = f'<= {100 * target:.0f}% ' + ('met' if overhead <= target
