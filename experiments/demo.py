@@ -79,7 +79,7 @@ class Settings:
   warmup_epochs: int = 3
   label_smoothing: float = 0.1
   max_shift: int = 0  # random translation by up to this many pixels.
-  num_seeds: int = 3
+  num_seeds: int = 5
   train_subset: int = 0  # > 0: use only this many training images.
 
 
@@ -406,7 +406,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--outdir', default='irpe_demo',
                       help='where plots and results.json go')
   parser.add_argument('--seeds', type=int, default=None,
-                      help='seeds per variant (default 3; 2 with --quick)')
+                      help='seeds per variant (default 5; 2 with --quick)')
   parser.add_argument('--epochs', type=int, default=None,
                       help='training epochs (default 30; 2 with --quick)')
   parser.add_argument('--variants', default=','.join(VARIANTS),

@@ -44,7 +44,8 @@ from irpe_jax import models
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Training configuration (a Python file with get_config).')
 _WORKDIR = flags.DEFINE_string(
-    'workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard logs.')
+    'workdir', None, 'Checkpoints, metrics.jsonl and TensorBoard logs: a '
+    'local path, or on a pod one every host sees (NFS, gcsfuse).')
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for a multi-host '
     'run outside a managed cluster (Cloud TPU and SLURM need none).')
