@@ -1,6 +1,6 @@
 r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
 
-  python -m experiments.bench_train [--batch 16] [--steps 3] [--rounds 3]
+  python -m experiments.bench_train [--batch 16] [--steps 1] [--rounds 6]
       [--impl auto[,onehot,...]]
 
 One full training step (forward, backward, AdamW update, drop path on) of
@@ -91,9 +91,9 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--steps', type=int, default=3,
+  parser.add_argument('--steps', type=int, default=1,
                       help='timed steps per round')
-  parser.add_argument('--rounds', type=int, default=3,
+  parser.add_argument('--rounds', type=int, default=6,
                       help='rounds alternating between the models')
   parser.add_argument('--impl', default='auto',
                       help='iRPE lookup impl, or a comma-separated list to '
