@@ -11,6 +11,10 @@ import numpy as np
 
 GOLDEN_DIR = (pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' /
               'golden').resolve()
+if not GOLDEN_DIR.is_dir():
+  raise FileNotFoundError(
+      f'Golden vectors not found at {GOLDEN_DIR}: the tests read them from '
+      f'../shared/golden beside the repository root.')
 
 
 @functools.lru_cache(maxsize=None)

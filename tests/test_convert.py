@@ -3,7 +3,6 @@
 import functools
 import io
 import json
-import pathlib
 import pickle
 import zipfile
 
@@ -20,9 +19,9 @@ import irpe_jax
 from irpe_jax import _torch_pickle
 from irpe_jax import convert
 from irpe_jax import models
+import golden
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO / '..' / 'shared' / 'golden'
+GOLDEN = golden.GOLDEN_DIR
 STEMS = ('deit_tiny_ctx_product_50_shared_k_depth2',
          'deit_tiny_ctx_product_50_shared_qkv_depth2_img96')
 K_STEM = STEMS[0]
