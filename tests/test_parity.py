@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 import irpe_jax
+from irpe_jax import convert
 import golden
 
 RTOL = 1e-5
@@ -62,13 +63,7 @@ def torch_attention_params(flat):
   """Release tensor names of an attention block -> IRPEAttention params."""
   renames = {'in_proj_weight': 'qkv.weight', 'in_proj_bias': 'qkv.bias',
              'out_proj.weight': 'proj.weight', 'out_proj.bias': 'proj.bias'}
-  params = {}
-  for name, value in flat.items():
-    name = renames.get(name, name)
-    if name.endswith('.weight') and name.split('.')[0] in ('qkv', 'proj'):
-      name, value = name[:-len('weight')] + 'kernel', value.T
-    params[name] = jnp.asarray(value)
-  return golden.nest(params)
+  return convert.torch_to_flax({renames.get(n, n): v for n, v in flat.items()})
 
 
 def _assert_grads(grads, arrays, names):
