@@ -77,7 +77,8 @@ def run_workers(folder, tmp_path, devices, processes=1):
     log.seek(0)
     assert proc.returncode == 0, log.read()[-3000:]
     log.close()
-  return dict(np.load(tmp_path / 'out_0.npz'))
+  with np.load(tmp_path / 'out_0.npz') as out:
+    return dict(out)
 
 
 @pytest.fixture(scope='module')
