@@ -234,10 +234,6 @@ def _grid_of(sids: '_StaticIds') -> Optional[_Grid]:
   return _find_grid(sids.ids, sids.num_buckets)
 
 
-def _class_onehot(classes: np.ndarray, dtype) -> jax.Array:
-  return _onehot(classes, int(classes.max()) + 1, dtype)
-
-
 def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
   """`bucket_scatter` for ids that factorise as `grid`.
 
