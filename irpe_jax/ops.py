@@ -10,8 +10,9 @@ mirror: the bucket scatter `s[..., i, t] = sum_{ids[i, j] = t} a[..., i, j]`,
 then `s @ table`. Gather and scatter are each other's transpose; how each is
 computed is the `impl`:
 
-- 'gather': `take_along_axis` for the gather, a contraction with the one-hot
-  of `ids` for the scatter, each used as the other's backward (custom VJP),
+- 'gather': a gather with a constant `(L * L,)` index into rows flattened to
+  `(L * nb)` (see `_flat_gather`), a contraction with the one-hot of `ids`
+  for the scatter, each used as the other's backward (custom VJP),
   so no XLA scatter-add is ever emitted. Custom VJPs have no forward-mode
   autodiff (`jax.jvp`); the impls below without one do.
 - 'factored': as 'gather', but the scatter groups the ids by their structure
