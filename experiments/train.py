@@ -15,7 +15,6 @@ Each host reads and augments only its part of every global batch
 `--workdir`: params, optimiser state, step, RNG and data position.
 """
 
-import functools
 import json
 import os
 import time

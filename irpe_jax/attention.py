@@ -4,7 +4,7 @@
 `IRPEAttention` here and its NNX twin in `irpe_jax.nnx`.
 """
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax

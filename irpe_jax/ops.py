@@ -13,8 +13,8 @@ computed is the `impl`:
 - 'gather': a gather with a constant `(L * L,)` index into rows flattened to
   `(L * nb)` (see `_flat_gather`), a contraction with the one-hot of `ids`
   for the scatter, each used as the other's backward (custom VJP),
-  so no XLA scatter-add is ever emitted. Custom VJPs have no forward-mode
-  autodiff (`jax.jvp`); the impls below without one do.
+  so the contextual lookups emit no XLA scatter-add. Custom VJPs have no
+  forward-mode autodiff (`jax.jvp`); the impls below without one do.
 - 'factored': as 'gather', but the scatter groups the ids by their structure
   over the token grid. Ids that depend on the relative offset give every key
   row offset a row class and every key column offset a column class, with
@@ -39,7 +39,7 @@ computed is the `impl`:
   `python -m experiments.bench_rpe` (DeiT-S shapes): 'factored'. Reasoned, not
   measured: 'onehot' on TPU, where gathers are slow and one-hot contractions
   run on the matrix units; 'factored' on GPU, where its elementwise passes are
-  memory-bound and no scatter-add (slow on GPU) is ever emitted.
+  memory-bound and its contextual lookups emit no scatter-add (slow on GPU).
 """
 
 import functools
