@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from irpe_jax import config as config_lib
 from irpe_jax import linen as rpe_linen
 
-# (x, height, width) -> encoding, as the IRPE modules are called.
-RPEFn = Callable[[jax.Array, Optional[int], Optional[int]], jax.Array]
+# (x, height, width) -> encoding, as the IRPE modules are called; rpe_q is
+# also passed `transpose_output=True` (see `attention_with_rpe`).
+RPEFn = Callable[..., jax.Array]
 
 
 def check_mask(mask: Optional[jax.Array], batch: int, num_heads: int,
@@ -50,7 +51,10 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     k: `(B, H, L, D)` keys.
     v: `(B, H, L, D)` values.
     scale: query scale, usually `D ** -0.5`.
-    rpe_q: encoding of keys, added transposed to the logits.
+    rpe_q: encoding of keys, added transposed to the logits; called as
+      `rpe_q(k, height, width, transpose_output=True)` so that the lookup
+      returns it transposed (as the IRPE modules do) without a transpose
+      pass over `(B, H, L, L)`.
     rpe_k: encoding of queries, added to the logits.
     rpe_v: encoding of the attention weights, added to the output.
     mask: boolean, broadcastable to `(B, H, L, L)`, True = attend; applied
@@ -67,11 +71,16 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
   dtype = q.dtype
   q = q * jnp.asarray(scale, dtype)
   logits = jnp.einsum('bhid,bhjd->bhij', q, k)
+  encodings = []
   if rpe_k is not None:
-    logits = logits + rpe_k(q, height, width)
+    encodings.append(rpe_k(q, height, width))
   if rpe_q is not None:
-    logits = logits + jnp.swapaxes(
-        rpe_q(k * jnp.asarray(scale, dtype), height, width), -1, -2)
+    encodings.append(rpe_q(k * jnp.asarray(scale, dtype), height, width,
+                           transpose_output=True))
+  if encodings:
+    # Summed before they meet the logits: XLA then fuses both lookups into
+    # one elementwise pass, where each alone is a slower gather of its own.
+    logits = logits + sum(encodings[1:], encodings[0])
   logits = logits.astype(jnp.float32)  # softmax in fp32 even under bf16.
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

@@ -61,7 +61,8 @@ def bucket_ids_for(config: SingleRPEConfig, method: str, num_buckets: int,
 
 def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
                method: str, transposed: bool, height: Optional[int] = None,
-               width: Optional[int] = None, impl: str = 'auto') -> jax.Array:
+               width: Optional[int] = None, impl: str = 'auto',
+               transpose_output: bool = False) -> jax.Array:
   """The encoding of one iRPE table (one half of 'cross').
 
   Args:
@@ -75,6 +76,9 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
     height: rows of the token grid (static); default `floor(sqrt(L))`.
     width: columns of the token grid (static); default `floor(sqrt(L))`.
     impl: see `irpe_jax.ops`.
+    transpose_output: q/k only: return the encoding with its last two axes
+      swapped, as rpe_q adds it to the logits, computed without a transpose
+      pass over `(B, H, L, L)`.
 
   Returns:
     `(1, Ht, L, L)` for bias, `(B, H, L, L)` for contextual q/k,
@@ -84,6 +88,9 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
     raise ValueError(f'x must have rank 4 (B, H, L, D) or (B, H, L, L), got '
                      f'shape {x.shape}.')
   num_heads, length = x.shape[1], x.shape[2]
+  if transpose_output and not transposed:
+    raise ValueError('transpose_output=True needs transposed=True (q/k); the '
+                     'v encoding (B, H, L, D) has no (L, L) axes to swap.')
   if not transposed and x.shape[3] != length:
     raise ValueError(f'rpe on v takes attention weights (B, H, L, L), got '
                      f'shape {x.shape}.')
@@ -94,12 +101,13 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
   num_buckets = table.shape[-1 if transposed else 1]
   ids = bucket_ids_for(config, method, num_buckets, length, height, width)
   if config.mode == 'bias':
-    return ops.bias_encoding(table, ids, impl).astype(x.dtype)
+    return ops.bias_encoding(table, ids, impl,
+                             transpose_output).astype(x.dtype)
   table = table.astype(x.dtype)
   if transposed:
     if table.shape[1] != x.shape[3]:
       raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '
                        f'expects {table.shape[1]}.')
-    return ops.contextual_qk_encoding(x, table, ids, impl)
+    return ops.contextual_qk_encoding(x, table, ids, impl, transpose_output)
   return ops.contextual_v_encoding(x, table, ids, impl)
 

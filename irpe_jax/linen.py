@@ -81,7 +81,8 @@ class IRPE(_TableModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None) -> jax.Array:
+               width: Optional[int] = None, *,
+               transpose_output: bool = False) -> jax.Array:
     """Encodes `x`; see `irpe_jax.core.rpe_lookup` for shapes."""
     mode, method, num_buckets = self.resolved_fields()
     if method == buckets.CROSS:
@@ -94,7 +95,7 @@ class IRPE(_TableModule):
     return core.rpe_lookup(
         x, table, config=self.rpe_config, method=method,
         transposed=self.transposed, height=height, width=width,
-        impl=self.impl)
+        impl=self.impl, transpose_output=transpose_output)
 
 
 class IRPECross(_TableModule):
@@ -105,7 +106,8 @@ class IRPECross(_TableModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None) -> jax.Array:
+               width: Optional[int] = None, *,
+               transpose_output: bool = False) -> jax.Array:
     mode, method, num_buckets = self.resolved_fields()
     if method != buckets.CROSS:
       raise ValueError(f"IRPECross needs method='cross', got {method!r}.")
@@ -117,7 +119,7 @@ class IRPECross(_TableModule):
           rpe_config=self.rpe_config, impl=self.impl,
           table_init=self.table_init, dtype=self.dtype,
           param_dtype=self.param_dtype, name='rp_' + half[len('cross_'):],
-      )(x, height, width)
+      )(x, height, width, transpose_output=transpose_output)
     return out
 
 

@@ -51,14 +51,15 @@ class IRPE(nnx.Module):
             nnx.Param(table_init(rngs.params(), shape, param_dtype)))
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None) -> jax.Array:
+               width: Optional[int] = None, *,
+               transpose_output: bool = False) -> jax.Array:
     """Encodes `x`; see `irpe_jax.core.rpe_lookup` for shapes."""
     if self.dtype is not None:
       x = x.astype(self.dtype)
     return core.rpe_lookup(
         x, getattr(self, self.table_name)[...], config=self.rpe_config,
         method=self.method, transposed=self.transposed, height=height,
-        width=width, impl=self.impl)
+        width=width, impl=self.impl, transpose_output=transpose_output)
 
 
 class IRPECross(nnx.Module):
@@ -84,8 +85,11 @@ class IRPECross(nnx.Module):
     self.rp_cols = IRPE(method=buckets.CROSS_COLS, **kwargs)
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None) -> jax.Array:
-    return self.rp_rows(x, height, width) + self.rp_cols(x, height, width)
+               width: Optional[int] = None, *,
+               transpose_output: bool = False) -> jax.Array:
+    kwargs = dict(transpose_output=transpose_output)
+    return (self.rp_rows(x, height, width, **kwargs) +
+            self.rp_cols(x, height, width, **kwargs))
 
 
 def build_single_rpe(rpe_config: Optional[config_lib.SingleRPEConfig],

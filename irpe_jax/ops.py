@@ -76,14 +76,16 @@ def _onehot(ids: np.ndarray, num_buckets: int, dtype) -> jax.Array:
           jnp.arange(num_buckets, dtype=jnp.int32)).astype(dtype)
 
 
-def _contract_gather(z, ids, num_buckets):
+def _contract_gather(z, ids, num_buckets, transpose=False):
   onehot = _onehot(ids, num_buckets, z.dtype)
-  return jnp.einsum('...in,ijn->...ij', z, onehot, precision=_HIGHEST)
+  spec = '...jn,jin->...ij' if transpose else '...in,ijn->...ij'
+  return jnp.einsum(spec, z, onehot, precision=_HIGHEST)
 
 
-def _contract_scatter(a, ids, num_buckets):
+def _contract_scatter(a, ids, num_buckets, transpose=False):
   onehot = _onehot(ids, num_buckets, a.dtype)
-  return jnp.einsum('...ij,ijn->...in', a, onehot, precision=_HIGHEST)
+  spec = '...ij,jin->...jn' if transpose else '...ij,ijn->...in'
+  return jnp.einsum(spec, a, onehot, precision=_HIGHEST)
 
 
 def _take_gather(z, ids):
@@ -91,15 +93,21 @@ def _take_gather(z, ids):
   return jnp.take_along_axis(z, idx, axis=-1, mode='promise_in_bounds')
 
 
-def _flat_gather(z, ids):
+def _flat_gather(z, ids, transpose=False):
   """`_take_gather` with an `(L * L,)` index into rows flattened to `L * nb`.
 
   `take_along_axis` broadcasts the ids to full gather indices, `(..., L, L,
   ndim)` int32; when two lookups share them (rpe_q and rpe_k), XLA
   materialises that array (60 MB at DeiT-S batch 16) instead of fusing it.
+  With `transpose`, `out[..., i, j] = z[..., j, ids[j, i]]`: the transposed
+  encoding read straight from z, with no `(L, L)` transpose pass.
   """
   lq, nb = z.shape[-2:]
-  flat = (np.arange(lq, dtype=np.int32)[:, None] * nb + ids).reshape(-1)
+  rows_of = np.arange(lq, dtype=np.int32) * nb
+  if transpose:
+    flat = (rows_of[None, :] + ids.T).reshape(-1)
+  else:
+    flat = (rows_of[:, None] + ids).reshape(-1)
   rows = z.reshape((-1, lq * nb))
   out = jnp.take(rows, jnp.asarray(flat), axis=1, mode='clip')
   return out.reshape(z.shape[:-1] + (ids.shape[1],))
@@ -235,7 +243,8 @@ def _grid_of(sids: '_StaticIds') -> Optional[_Grid]:
   return _find_grid(sids.ids, sids.num_buckets)
 
 
-def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
+def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int,
+                  transpose: bool = False) -> jax.Array:
   """`bucket_scatter` for ids that factorise as `grid`.
 
   Two passes, each an unrolled sum of broadcast products that XLA fuses into
@@ -243,12 +252,25 @@ def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
   one-hot contraction, would not vectorise or would transpose the input):
   `u[.., i, ra, cj] = sum_rj a[.., i, (rj, cj)] [row_class[ri, rj] = ra]`,
   then `s[.., i, ra, cb] = sum_cj u[.., i, ra, cj] [col_class[ci, cj] = cb]`.
+  With `transpose` the sums run over the query axis of `a` instead (see
+  `_grid_passes_transposed`).
   """
-  length = a.shape[-1]
+  # Materialised once: fused, a producer such as the softmax would be
+  # recomputed for every row class.
+  x = jax.lax.optimization_barrier(
+      a.astype(jnp.promote_types(a.dtype, jnp.float32)))
+  if transpose:
+    s, touching = _grid_passes_transposed(x, grid)
+  else:
+    s, touching = _grid_passes(x, grid)
+  return _pairs_to_buckets(s, touching, grid, num_buckets).astype(a.dtype)
+
+
+def _grid_passes(x, grid):
+  """`(s (.., L, nA * nC), touching (.., L))` summed over keys of x."""
+  length = x.shape[-1]
   skip, height, width = grid.skip, grid.height, grid.width
   n_rows, n_cols = grid.num_row_classes, grid.num_col_classes
-  # Low-precision inputs are summed in float32 (fused, no extra pass).
-  x = a.astype(jnp.promote_types(a.dtype, jnp.float32))
   # Classes per query i = skip + ri * width + ci; skip queries have none (-1),
   # so the passes give them zeros.
   row_of_query = np.full((length, height), -1, np.int32)
@@ -268,48 +290,92 @@ def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int) -> jax.Array:
   for cj in range(width):
     s = s + u[..., cj, None] * col_onehot[:, None, cj, :]
   # Materialise s in its natural layout before the (small) bucket assembly:
-  # fused with the padding below, the pass above would not vectorise.
+  # fused with the padding there, the pass above would not vectorise.
   s = jax.lax.optimization_barrier(s)
-  s = s.reshape(a.shape[:-1] + (n_rows * n_cols,))
+  s = s.reshape(x.shape[:-1] + (n_rows * n_cols,))
+  # Pairs that touch a skip token: the skip keys of every query, and the
+  # spatial keys of the skip queries.
+  touching = x[..., :skip].sum(-1) + jnp.pad(
+      x[..., :skip, skip:].sum(-1),
+      [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
+  return s, touching
+
+
+def _grid_passes_transposed(x, grid):
+  """As `_grid_passes`, for `s[.., j, t] = sum_i x[.., i, j] [ids[j, i] = t]`.
+
+  Key j = skip + rj * width + cj plays the query's part in `grid`; the passes
+  sum rows of x, each a contiguous `(L,)` vector over j:
+  `u[.., ra, ci, j] = sum_ri x[.., (ri, ci), j] [row_class[rj, ri] = ra]`,
+  `s[.., ra, cb, j] = sum_ci u[.., ra, ci, j] [col_class[cj, ci] = cb]`,
+  then the small `(nA * nC, L)` result is transposed.
+  """
+  length = x.shape[-1]
+  skip, height, width = grid.skip, grid.height, grid.width
+  n_rows, n_cols = grid.num_row_classes, grid.num_col_classes
+  row_of_key = np.full((height, length), -1, np.int32)  # (ri, j)
+  row_of_key[:, skip:] = np.repeat(grid.row_class, width, axis=0).T
+  col_of_key = np.full((width, length), -1, np.int32)  # (ci, j)
+  col_of_key[:, skip:] = np.tile(grid.col_class, (height, 1)).T
+  row_mask = jnp.moveaxis(_onehot(row_of_key, n_rows, x.dtype), -1, 1)
+  u = 0
+  for ri in range(height):
+    queries = x[..., skip + ri * width:skip + (ri + 1) * width, :]  # (ci, j)
+    u = u + queries[..., None, :, :] * row_mask[ri][:, None, :]
+  u = jax.lax.optimization_barrier(u)  # (.., ra, ci, j)
+  col_mask = jnp.moveaxis(_onehot(col_of_key, n_cols, x.dtype), -1, 1)
+  s = 0
+  for ci in range(width):
+    s = s + u[..., :, None, ci, :] * col_mask[ci][None]  # (.., ra, cb, j)
+  s = jax.lax.optimization_barrier(s)
+  s = jnp.swapaxes(s.reshape(x.shape[:-2] + (n_rows * n_cols, length)),
+                   -1, -2)
+  # Skip pairs: the skip queries of every key, and the spatial queries of
+  # the skip keys.
+  touching = x[..., :skip, :].sum(-2) + jnp.pad(
+      x[..., skip:, :skip].sum(-2),
+      [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
+  return s, touching
+
+
+def _pairs_to_buckets(s, touching, grid, num_buckets):
+  """`(.., L, nb)` buckets from per-class-pair sums and skip-pair sums."""
+  n_pairs = grid.num_row_classes * grid.num_col_classes
   if not grid.pairs_are_buckets:
     # Several class pairs share a bucket (e.g. euclidean): a plain matmul
     # over the contiguous last axis.
     s = jnp.einsum('...p,pt->...t', s,
-                   _onehot(grid.pair_ids, num_buckets, x.dtype),
+                   _onehot(grid.pair_ids, num_buckets, s.dtype),
                    precision=_HIGHEST)
-  elif np.array_equal(grid.pair_ids, np.arange(n_rows * n_cols)):
-    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) +
-                [(0, num_buckets - n_rows * n_cols)])
+  elif np.array_equal(grid.pair_ids, np.arange(n_pairs)):
+    s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, num_buckets - n_pairs)])
   else:
     # Static permutation into bucket order; buckets no pair hits read a zero.
-    source = np.full(num_buckets, n_rows * n_cols, np.int32)
-    source[grid.pair_ids] = np.arange(n_rows * n_cols, dtype=np.int32)
+    source = np.full(num_buckets, n_pairs, np.int32)
+    source[grid.pair_ids] = np.arange(n_pairs, dtype=np.int32)
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, 1)])
     s = jnp.take(s, jnp.asarray(source), axis=-1)
-  if skip:
-    # Pairs that touch a skip token: the skip keys of every query, and the
-    # spatial keys of the skip queries.
-    touching = x[..., :skip].sum(-1) + jnp.pad(
-        x[..., :skip, skip:].sum(-1),
-        [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
-    skip_onehot = (jnp.arange(num_buckets) == grid.skip_bucket).astype(x.dtype)
+  if grid.skip:
+    skip_onehot = (jnp.arange(num_buckets) == grid.skip_bucket).astype(s.dtype)
     s = s + touching[..., None] * skip_onehot
-  return s.astype(a.dtype)
+  return s
 
 
 class _StaticIds:
   """Hashable wrapper so static ids can be a `nondiff_argnums` argument.
 
   `factored` asks the scatter to use the grid factorisation of the ids when
-  they have one.
+  they have one; `transpose` makes the gather return, and the scatter read,
+  `(.., L, L)` arrays with the query and key axes swapped.
   """
 
   def __init__(self, ids: np.ndarray, num_buckets: int,
-               factored: bool = False):
+               factored: bool = False, transpose: bool = False):
     self.ids = ids
     self.num_buckets = num_buckets
     self.factored = factored
-    self._key = (ids.shape, num_buckets, factored, ids.tobytes())
+    self.transpose = transpose
+    self._key = (ids.shape, num_buckets, factored, transpose, ids.tobytes())
 
   def __hash__(self):
     return hash(self._key)
@@ -320,11 +386,11 @@ class _StaticIds:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _gather_custom(z, sids):
-  return _flat_gather(z, sids.ids)
+  return _flat_gather(z, sids.ids, sids.transpose)
 
 
 def _gather_fwd(z, sids):
-  return _flat_gather(z, sids.ids), None
+  return _flat_gather(z, sids.ids, sids.transpose), None
 
 
 def _gather_bwd(sids, _, g):
@@ -339,8 +405,8 @@ def _scatter_custom(a, sids):
   if sids.factored:
     grid = _grid_of(_StaticIds(sids.ids, sids.num_buckets))
     if grid is not None:
-      return _grid_scatter(a, grid, sids.num_buckets)
-  return _contract_scatter(a, sids.ids, sids.num_buckets)
+      return _grid_scatter(a, grid, sids.num_buckets, sids.transpose)
+  return _contract_scatter(a, sids.ids, sids.num_buckets, sids.transpose)
 
 
 def _scatter_fwd(a, sids):
@@ -364,7 +430,7 @@ def _segment_scatter(a, ids, num_buckets):
 
 
 def bucket_gather(z: jax.Array, ids: np.ndarray, num_buckets: int,
-                  impl: str = 'auto') -> jax.Array:
+                  impl: str = 'auto', transpose: bool = False) -> jax.Array:
   """`e[..., i, j] = z[..., i, ids[i, j]]`.
 
   Args:
@@ -372,20 +438,25 @@ def bucket_gather(z: jax.Array, ids: np.ndarray, num_buckets: int,
     ids: `(L, L)` static int32 bucket ids, all in `[0, nb)`.
     num_buckets: `nb`.
     impl: one of `IMPLS` ('naive' behaves as 'gather_xla' here).
+    transpose: return `e` with its last two axes swapped, `out[..., i, j] =
+      z[..., j, ids[j, i]]`; 'factored', 'gather' and 'onehot' read it
+      straight from z, with no transpose pass over the `(L, L)` result.
 
   Returns:
     `(..., L, L)` array of `z.dtype`.
   """
   impl = resolve_impl(impl)
   if impl in ('gather', 'factored'):
-    return _gather_custom(z, _StaticIds(ids, num_buckets, impl == 'factored'))
+    return _gather_custom(
+        z, _StaticIds(ids, num_buckets, impl == 'factored', transpose))
   if impl == 'onehot':
-    return _contract_gather(z, ids, num_buckets)
-  return _take_gather(z, ids)
+    return _contract_gather(z, ids, num_buckets, transpose)
+  out = _take_gather(z, ids)
+  return jnp.swapaxes(out, -1, -2) if transpose else out
 
 
 def bucket_scatter(a: jax.Array, ids: np.ndarray, num_buckets: int,
-                   impl: str = 'auto') -> jax.Array:
+                   impl: str = 'auto', transpose: bool = False) -> jax.Array:
   """`s[..., i, t] = sum_{j : ids[i, j] = t} a[..., i, j]`.
 
   Args:
@@ -393,15 +464,22 @@ def bucket_scatter(a: jax.Array, ids: np.ndarray, num_buckets: int,
     ids: `(L, L)` static int32 bucket ids, all in `[0, nb)`.
     num_buckets: `nb`.
     impl: one of `IMPLS` ('naive' behaves as 'gather_xla' here).
+    transpose: read `a` with its last two axes swapped, `s[..., j, t] =
+      sum_{i : ids[j, i] = t} a[..., i, j]` (the transpose of
+      `bucket_gather(..., transpose=True)`), with no transpose pass for
+      'factored', 'gather' and 'onehot'.
 
   Returns:
     `(..., L, nb)` array of `a.dtype`.
   """
   impl = resolve_impl(impl)
   if impl in ('gather', 'factored'):
-    return _scatter_custom(a, _StaticIds(ids, num_buckets, impl == 'factored'))
+    return _scatter_custom(
+        a, _StaticIds(ids, num_buckets, impl == 'factored', transpose))
   if impl == 'onehot':
-    return _contract_scatter(a, ids, num_buckets)
+    return _contract_scatter(a, ids, num_buckets, transpose)
+  if transpose:
+    a = jnp.swapaxes(a, -1, -2)
   return _segment_scatter(a, ids, num_buckets)
 
 
@@ -467,18 +545,22 @@ def _head_matmul(x: jax.Array, table: jax.Array,
 
 
 def bias_encoding(table: jax.Array, ids: np.ndarray,
-                  impl: str = 'auto') -> jax.Array:
+                  impl: str = 'auto', transpose_output: bool = False
+                  ) -> jax.Array:
   """Bias mode: `e[0, h, i, j] = table[h, ids[i, j]]`.
 
   Args:
     table: `(Ht, nb)` lookup table.
     ids: `(L, L)` static bucket ids.
     impl: one of `IMPLS`.
+    transpose_output: return `e[0, h, j, i]` instead.
 
   Returns:
     `(1, Ht, L, L)`, broadcastable over the batch as in the release.
   """
   impl = resolve_impl(impl)
+  if transpose_output:
+    ids = np.ascontiguousarray(ids.T)
   if impl == 'onehot':
     onehot = _onehot(ids, table.shape[-1], table.dtype)
     out = jnp.einsum('hn,ijn->hij', table, onehot, precision=_HIGHEST)
@@ -489,7 +571,8 @@ def bias_encoding(table: jax.Array, ids: np.ndarray,
 
 
 def contextual_qk_encoding(x: jax.Array, table: jax.Array, ids: np.ndarray,
-                           impl: str = 'auto') -> jax.Array:
+                           impl: str = 'auto', transpose_output: bool = False
+                           ) -> jax.Array:
   """Contextual mode on q or k: `e[b,h,i,j] = x[b,h,i,:] @ table[h,:,ids[i,j]]`.
 
   Args:
@@ -497,6 +580,8 @@ def contextual_qk_encoding(x: jax.Array, table: jax.Array, ids: np.ndarray,
     table: `(Ht, D, nb)` lookup table, `Ht` in `{1, H}`.
     ids: `(L, L)` static bucket ids.
     impl: one of `IMPLS`.
+    transpose_output: return `e[b, h, j, i]` instead, as rpe_q adds it to the
+      logits; see `bucket_gather`.
 
   Returns:
     `(B, H, L, L)`.
@@ -504,9 +589,10 @@ def contextual_qk_encoding(x: jax.Array, table: jax.Array, ids: np.ndarray,
   impl = resolve_impl(impl)
   if impl == 'naive':
     weight = jnp.take(table, jnp.asarray(ids), axis=2)  # (Ht, D, L, L)
-    return jnp.einsum('bhid,hdij->bhij', x, weight)
+    out = jnp.einsum('bhid,hdij->bhij', x, weight)
+    return jnp.swapaxes(out, -1, -2) if transpose_output else out
   z = _head_matmul(x, table, impl in _CUSTOM_VJP_IMPLS)
-  return bucket_gather(z, ids, table.shape[-1], impl)
+  return bucket_gather(z, ids, table.shape[-1], impl, transpose_output)
 
 
 def contextual_v_encoding(a: jax.Array, table: jax.Array, ids: np.ndarray,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import irpe_jax
+from irpe_jax import linen as irpe_linen
 import irpe_jax.nnx as irpe_nnx
 
 NORMAL = jax.nn.initializers.normal(0.5)
@@ -67,6 +68,20 @@ def test_nnx_irpe_equals_linen(mode, method, transposed):
                        rpe_config=cfg, rngs=nnx.Rngs(0))
   nnx.update(twin, variables['params'])
   chex.assert_trees_all_close(twin(x, 3, 4), linen.apply(variables, x, 3, 4))
+
+
+@pytest.mark.parametrize('method', ['product', 'cross'])
+def test_transpose_output_swaps_the_last_two_axes(method):
+  cfg = irpe_jax.get_single_rpe_config(method=method, skip=1)
+  x = _x(5, (B, 2, N, 4))
+  linen = irpe_linen.build_single_rpe(cfg, True, 4, 2, table_init=NORMAL)
+  variables = linen.init(jax.random.key(6), x, 3, 4)
+  twin = irpe_nnx.build_single_rpe(cfg, True, 4, 2, rngs=nnx.Rngs(0))
+  nnx.update(twin, variables['params'])
+  expected = jnp.swapaxes(linen.apply(variables, x, 3, 4), -1, -2)
+  chex.assert_trees_all_close(
+      linen.apply(variables, x, 3, 4, transpose_output=True), expected)
+  chex.assert_trees_all_close(twin(x, 3, 4, transpose_output=True), expected)
 
 
 def test_traces_once_per_input_shape(cross_qkv):
@@ -179,6 +194,10 @@ def _init(module, *args, **kwargs):
     (lambda: irpe_jax.IRPE(head_dim=4, transposed=False,
                            rpe_config=CFG_K.rpe_k),
      ((B, 1, N, 4),), {}, ValueError, 'rpe on v takes attention weights'),
+    (lambda: irpe_jax.IRPE(head_dim=4, transposed=False,
+                           rpe_config=CFG_K.rpe_k),
+     ((B, 1, N, N),), dict(transpose_output=True), ValueError,
+     'transpose_output=True needs transposed=True'),
     (lambda: _attention(), ((B, N, 15),), {}, ValueError,
      'feature size 15 is not divisible by num_heads=2'),
     (lambda: _attention(), ((N, C),), {}, ValueError,

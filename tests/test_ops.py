@@ -28,9 +28,12 @@ def _ids(method='product', ratio=1.9, skip=SKIP, height=HEIGHT, width=WIDTH):
 
 
 def _encode(impl, target, x, table, ids):
+  """Target 'k' (queries' encoding), 'q' (keys', transposed as the logits
+  take it) or 'v'."""
   if target == 'v':
     return ops.contextual_v_encoding(x, table, ids, impl)
-  return ops.contextual_qk_encoding(x, table, ids, impl)
+  return ops.contextual_qk_encoding(x, table, ids, impl,
+                                    transpose_output=target == 'q')
 
 
 def _random_case(seed, target, num_buckets, table_heads):
@@ -50,7 +53,7 @@ def _value_and_grads(impl, target, x, table, ids, cotangent):
 
 @settings(max_examples=12, deadline=None)
 @given(method=st.sampled_from(['euc', 'quant', 'product', 'cross_rows']),
-       ratio=st.sampled_from([1.0, 1.9, 3.0]), target=st.sampled_from('kv'),
+       ratio=st.sampled_from([1.0, 1.9, 3.0]), target=st.sampled_from('kqv'),
        shared=st.booleans(), seed=st.integers(0, 2**16))
 def test_every_impl_equals_naive(method, ratio, target, shared, seed):
   ids, nb = _ids(method, ratio)
@@ -66,46 +69,57 @@ def test_every_impl_equals_naive(method, ratio, target, shared, seed):
       np.testing.assert_allclose(g, ref, rtol=1e-5, atol=1e-5, err_msg=impl)
 
 
+@pytest.mark.parametrize('transpose', [False, True])
 @pytest.mark.parametrize('impl', irpe_jax.IMPLS)
-def test_bias_impls_agree(impl):
+def test_bias_impls_agree(impl, transpose):
   ids, nb = _ids()
   table = jax.random.normal(jax.random.key(0), (H, nb))
   ref = jnp.asarray(np.asarray(table)[:, ids][None])
-  chex.assert_trees_all_close(ops.bias_encoding(table, ids, impl), ref)
-  grad = jax.grad(lambda t: jnp.sum(ops.bias_encoding(t, ids, impl) ** 2))(
-      table)
+  if transpose:
+    ref = jnp.swapaxes(ref, -1, -2)
+  encode = functools.partial(ops.bias_encoding, ids=ids, impl=impl,
+                             transpose_output=transpose)
+  chex.assert_trees_all_close(encode(table), ref)
+  grad = jax.grad(lambda t: jnp.sum(encode(t) ** 2))(table)
   expected = np.zeros((H, nb), np.float32)
-  np.add.at(expected, (slice(None), ids), 2 * np.asarray(ref[0]))
+  np.add.at(expected, (slice(None), ids.T if transpose else ids),
+            2 * np.asarray(ref[0]))
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('transpose', [False, True])
 @pytest.mark.parametrize('impl', irpe_jax.IMPLS)
-def test_gather_and_scatter_are_transposes(impl):
+def test_gather_and_scatter_are_transposes(impl, transpose):
   ids, nb = _ids()
   z = jax.random.normal(jax.random.key(1), (B, H, L, nb))
   a = jax.random.normal(jax.random.key(2), (B, H, L, L))
-  gathered = ops.bucket_gather(z, ids, nb, impl)
+  gather = functools.partial(ops.bucket_gather, ids=ids, num_buckets=nb,
+                             impl=impl, transpose=transpose)
+  scatter = functools.partial(ops.bucket_scatter, ids=ids, num_buckets=nb,
+                              transpose=transpose)
+  gathered = gather(z)
+  expected = np.take_along_axis(np.asarray(z), np.broadcast_to(
+      ids, (B, H, L, L)), axis=-1)
   np.testing.assert_array_equal(
-      gathered, np.take_along_axis(np.asarray(z), np.broadcast_to(
-          ids, (B, H, L, L)), axis=-1))
+      gathered, np.swapaxes(expected, -1, -2) if transpose else expected)
   # <gather(z), a> == <z, scatter(a)>, and the VJP of one is the other.
   np.testing.assert_allclose(jnp.vdot(gathered, a),
-                             jnp.vdot(z, ops.bucket_scatter(a, ids, nb, impl)),
-                             rtol=1e-5)
-  _, vjp = jax.vjp(lambda z: ops.bucket_gather(z, ids, nb, impl), z)
-  np.testing.assert_allclose(vjp(a)[0], ops.bucket_scatter(a, ids, nb, 'naive'),
+                             jnp.vdot(z, scatter(a, impl=impl)), rtol=1e-5)
+  _, vjp = jax.vjp(gather, z)
+  np.testing.assert_allclose(vjp(a)[0], scatter(a, impl='naive'),
                              rtol=1e-5, atol=1e-5)
-  _, vjp = jax.vjp(lambda a: ops.bucket_scatter(a, ids, nb, impl), a)
+  _, vjp = jax.vjp(lambda a: scatter(a, impl=impl), a)
   np.testing.assert_allclose(vjp(z)[0], gathered, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('impl', ['gather', 'onehot'])
-def test_second_order_gradients(impl):
+@pytest.mark.parametrize('target', 'kq')
+@pytest.mark.parametrize('impl', ['factored', 'gather', 'onehot'])
+def test_second_order_gradients(impl, target):
   ids, nb = _ids()
-  x, table = _random_case(0, 'k', nb, 1)
+  x, table = _random_case(0, target, nb, 1)
 
   def hvp(impl):  # reverse-over-reverse: custom VJPs have no forward mode.
-    f = lambda x: jnp.sum(jnp.tanh(_encode(impl, 'k', x, table, ids)))
+    f = lambda x: jnp.sum(jnp.tanh(_encode(impl, target, x, table, ids)))
     return jax.grad(lambda x: jnp.vdot(jax.grad(f)(x), jnp.ones_like(x)))(x)
 
   np.testing.assert_allclose(hvp(impl), hvp('naive'), rtol=1e-4, atol=1e-5)
@@ -243,7 +257,10 @@ def test_scatter_matches_numpy_on_any_grid(method, ratio, grid, skip, seed):
   expected = np.zeros((2, ids.shape[0], nb), np.float32)
   for i in range(ids.shape[0]):
     np.add.at(expected[:, i], (slice(None), ids[i]), a[:, i])
+  # The transposed scatter reads a[.., i, j] as the pair (j, i).
+  a_swapped = np.ascontiguousarray(np.swapaxes(a, -1, -2))
   for impl in FAST_IMPLS:
-    np.testing.assert_allclose(ops.bucket_scatter(jnp.asarray(a), ids, nb,
-                                                  impl),
-                               expected, rtol=1e-5, atol=1e-5, err_msg=impl)
+    for transpose, values in ((False, a), (True, a_swapped)):
+      np.testing.assert_allclose(
+          ops.bucket_scatter(jnp.asarray(values), ids, nb, impl, transpose),
+          expected, rtol=1e-5, atol=1e-5, err_msg=f'{impl} {transpose}')
