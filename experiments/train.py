@@ -33,6 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+import tqdm
 
 import irpe_jax
 from experiments import input_pipeline
@@ -123,13 +124,23 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
 
 
 class MetricWriter:
-  """Metrics to the console, `metrics.jsonl` and TensorBoard (process 0)."""
+  """Metrics to the console, `metrics.jsonl` and TensorBoard (process 0).
 
-  def __init__(self, workdir: str, total_steps: int):
+  On a terminal a tqdm progress bar shows the step, its rate and the ETA,
+  and metric lines print above it; elsewhere (a log file, CI) the bar is off
+  and every metric line carries the rate and the ETA instead.
+  """
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
+               progress_bar: Optional[bool] = None):
     self.enabled = jax.process_index() == 0
     self.total_steps = total_steps
-    self.start = None
     self.tb = None
+    # disable=None: tqdm turns itself off when stderr is not a terminal.
+    self.bar = tqdm.tqdm(
+        total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
+        disable=(True if not self.enabled else
+                 None if progress_bar is None else not progress_bar))
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
@@ -155,11 +166,22 @@ class MetricWriter:
     if prefix == 'train' and 'steps_per_sec' in metrics:
       seconds = (self.total_steps - step) / max(metrics['steps_per_sec'], 1e-9)
       eta = f' eta={time.strftime("%H:%M:%S", time.gmtime(seconds))}'
-    print(f'[{step:>7d}/{self.total_steps} '
-          f'{100 * step / max(self.total_steps, 1):5.1f}%] {prefix}: '
-          f'{text}{eta}', flush=True)
+    line = (f'[{step:>7d}/{self.total_steps} '
+            f'{100 * step / max(self.total_steps, 1):5.1f}%] {prefix}: '
+            f'{text}{eta}')
+    if self.bar.disable:
+      print(line, flush=True)
+    else:
+      self.bar.write(line)
+      if prefix == 'train' and 'loss' in metrics:
+        self.bar.set_postfix(loss=f'{metrics["loss"]:.4g}', refresh=False)
+
+  def advance(self, step: int) -> None:
+    """Moves the progress bar to `step`."""
+    self.bar.update(step - self.bar.n)
 
   def close(self) -> None:
+    self.bar.close()
     if self.enabled:
       self.jsonl.close()
       if self.tb is not None:
@@ -317,7 +339,8 @@ def train_and_evaluate(config: Any, workdir: str,
                 metrics=eval_metrics, force=True)
 
   # --- Loop -----------------------------------------------------------------
-  writer = MetricWriter(workdir, total_steps)
+  writer = MetricWriter(workdir, total_steps, start_step,
+                        config.get('progress_bar'))
   batches = input_pipeline.train_iterator(
       train_source, config.input, data_position, total_steps, config.seed)
   log_every = config.get('log_every_steps', 50)
@@ -330,6 +353,7 @@ def train_and_evaluate(config: Any, workdir: str,
     with jax.profiler.StepTraceAnnotation('train', step_num=step):
       state, metrics = train_step(state, global_batch(next(batches)))
     step += 1
+    writer.advance(step)
     if step % log_every == 0 or step == total_steps:
       metrics = jax.device_get(metrics)
       elapsed = time.time() - last_time
