@@ -163,3 +163,22 @@ def test_trains_on_a_tfds_dataset(tmp_path):
   assert out['step'] == 2
   assert 0.0 <= out['eval']['top1'] <= 1.0
   assert np.isfinite(out['eval']['loss'])
+
+
+@pytest.mark.parametrize('progress_bar', [True, False])
+def test_metric_writer_shows_progress_rate_and_eta(tmp_path, capsys,
+                                                   progress_bar):
+  writer = train.MetricWriter(str(tmp_path), total_steps=8, start_step=2,
+                              progress_bar=progress_bar)
+  writer.advance(4)
+  writer.write(4, {'loss': 0.5, 'steps_per_sec': 2.0}, 'train')
+  writer.close()
+  out, err = capsys.readouterr()
+  assert '[      4/8  50.0%] train: loss=0.5' in out
+  assert 'eta=00:00:02' in out  # 4 steps left at 2 steps/s.
+  if progress_bar:
+    assert '4/8' in err and 'step/s' in err  # tqdm: count and rate.
+  else:
+    assert err == ''
+  record = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[0])
+  assert record == {'step': 4, 'train/loss': 0.5, 'train/steps_per_sec': 2.0}
