@@ -1,6 +1,6 @@
 r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
 
-  python -m experiments.bench_train [--batch 16] [--steps 1] [--rounds 8]
+  python -m experiments.bench_train [--batch 16] [--steps 1] [--rounds 10]
       [--impl auto[,onehot,...]] [--depth 12]
 
 One full training step (forward, backward, AdamW update, drop path on) of
@@ -96,7 +96,7 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
   parser.add_argument('--image_size', type=int, default=224)
   parser.add_argument('--steps', type=int, default=1,
                       help='timed steps per round')
-  parser.add_argument('--rounds', type=int, default=8,
+  parser.add_argument('--rounds', type=int, default=10,
                       help='rounds alternating between the models')
   parser.add_argument('--impl', default='auto',
                       help='iRPE lookup impl, or a comma-separated list to '

@@ -58,7 +58,9 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     rpe_k: encoding of queries, added to the logits.
     rpe_v: encoding of the attention weights, added to the output.
     mask: boolean, broadcastable to `(B, H, L, L)`, True = attend; applied
-      after the iRPE terms.
+      after the iRPE terms. Masked logits become the lowest float32, so a
+      query whose every key is masked attends uniformly to all keys (the
+      release's `-inf` gives NaN there).
     dropout: applied to the attention weights.
     height: rows of the token grid (static).
     width: columns of the token grid (static).

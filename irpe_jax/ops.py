@@ -7,8 +7,10 @@ weights, `ids (L, L)` static int32 bucket ids, `nb` buckets, `Ht` table heads
 Contextual q/k (SPEC section 6): `z = x @ table (B, H, L, nb)`, then the
 bucket gather `e[..., i, j] = z[..., i, ids[i, j]]`. Contextual v is the
 mirror: the bucket scatter `s[..., i, t] = sum_{ids[i, j] = t} a[..., i, j]`,
-then `s @ table`. Gather and scatter are each other's transpose; how each is
-computed is the `impl`:
+then `s @ table`. Gather and scatter are each other's transpose; both also
+come transposed (`transpose=True`: the encoding rpe_q adds to the logits is
+`e[..., j, i]`), read and written in place rather than through a transpose
+pass over `(..., L, L)`. How each is computed is the `impl`:
 
 - 'gather': a gather with a constant `(L * L,)` index into rows flattened to
   `(L * nb)` (see `_flat_gather`), a contraction with the one-hot of `ids`

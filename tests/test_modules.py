@@ -238,3 +238,12 @@ def test_nnx_attention_weights_can_be_captured():
   _, intermediates = nnx.capture(model, nnx.Intermediate)(_x())
   (weights,) = intermediates['attention_weights']
   assert weights.shape == (B, HEADS, N, N)
+
+
+def test_a_query_with_every_key_masked_attends_uniformly():
+  q, k, v = (jax.random.normal(jax.random.key(i), (1, 1, 3, 2))
+             for i in range(3))
+  mask = jnp.ones((1, 1, 3, 3), bool).at[0, 0, 0].set(False)
+  out = irpe_jax.attention_with_rpe(q, k, v, scale=1.0, mask=mask)
+  np.testing.assert_allclose(out[0, 0, 0], v[0, 0].mean(0), rtol=1e-6)
+  assert np.isfinite(out).all()
