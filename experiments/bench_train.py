@@ -4,8 +4,9 @@ r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
       [--impl auto[,onehot,...]] [--depth 12]
 
 One full training step (forward, backward, AdamW update, drop path on) of
-each model at 224px on random data, in one process. Rounds alternate between
-the models so that a busy machine slows them alike. Prints each model's best
+each model at 224px on random data, in one process. Every round runs each
+model once, in a shuffled order, so that a busy machine slows them alike.
+Prints each model's best
 round as images/s, and its cost over plain DeiT-S two ways: best against
 best, and the median over rounds of the ratio to plain DeiT-S in the same
 round (the targets are judged on this one: load that drifts between rounds
@@ -122,8 +123,13 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
                                  dtype, args.depth)
       print(f'  compiled {label}: first step '
             f'{entries[label]["first_step_s"]:.1f} s', flush=True)
+  # Each round runs the models in a fresh random order: in a fixed order
+  # the last model of every round would also be the one that meets the
+  # machine after the longest stretch of load.
+  order = np.random.default_rng(0)
   for round_index in range(args.rounds):
-    for label, entry in entries.items():
+    for label in order.permutation(list(entries)):
+      entry = entries[label]
       entry['times'].append(time_steps(entry, args.steps))
     print(f'  round {round_index + 1}/{args.rounds}: ' + ', '.join(
         f'{label} {entry["times"][-1]:.3f} s/step'
