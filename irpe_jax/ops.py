@@ -269,7 +269,7 @@ def _grid_scatter(a: jax.Array, grid: _Grid, num_buckets: int,
 
 
 def _grid_passes(x, grid):
-  """`(s (.., L, nA * nC), touching (.., L))` summed over keys of x."""
+  """`(s (.., L, nA * nC), touching (.., L) or None without skip tokens)`."""
   length = x.shape[-1]
   skip, height, width = grid.skip, grid.height, grid.width
   n_rows, n_cols = grid.num_row_classes, grid.num_col_classes
@@ -297,9 +297,11 @@ def _grid_passes(x, grid):
   s = s.reshape(x.shape[:-1] + (n_rows * n_cols,))
   # Pairs that touch a skip token: the skip keys of every query, and the
   # spatial keys of the skip queries.
-  touching = x[..., :skip].sum(-1) + jnp.pad(
-      x[..., :skip, skip:].sum(-1),
-      [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
+  touching = None
+  if skip:
+    touching = x[..., :skip].sum(-1) + jnp.pad(
+        x[..., :skip, skip:].sum(-1),
+        [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
   return s, touching
 
 
@@ -334,9 +336,11 @@ def _grid_passes_transposed(x, grid):
                    -1, -2)
   # Skip pairs: the skip queries of every key, and the spatial queries of
   # the skip keys.
-  touching = x[..., :skip, :].sum(-2) + jnp.pad(
-      x[..., skip:, :skip].sum(-2),
-      [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
+  touching = None
+  if skip:
+    touching = x[..., :skip, :].sum(-2) + jnp.pad(
+        x[..., skip:, :skip].sum(-2),
+        [(0, 0)] * (x.ndim - 2) + [(0, length - skip)])
   return s, touching
 
 
@@ -357,7 +361,7 @@ def _pairs_to_buckets(s, touching, grid, num_buckets):
     source[grid.pair_ids] = np.arange(n_pairs, dtype=np.int32)
     s = jnp.pad(s, [(0, 0)] * (s.ndim - 1) + [(0, 1)])
     s = jnp.take(s, jnp.asarray(source), axis=-1)
-  if grid.skip:
+  if touching is not None:
     skip_onehot = (jnp.arange(num_buckets) == grid.skip_bucket).astype(s.dtype)
     s = s + touching[..., None] * skip_onehot
   return s
