@@ -6,13 +6,12 @@ r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
 One full training step (forward, backward, AdamW update, drop path on) of
 each model at 224px on random data, in one process. Every round runs each
 model once, in a shuffled order, so that a busy machine slows them alike.
-Prints each model's best
-round as images/s, and its cost over plain DeiT-S two ways: best against
-best, and the median over rounds of the ratio to plain DeiT-S in the same
-round (the targets are judged on this one: load that drifts between rounds
-cancels in it). Also the first-step (compile) time and XLA's peak memory of
-the compiled step (arguments, outputs and temporaries, less what donation
-aliases).
+Prints each model's best round as images/s, and its cost over plain DeiT-S
+two ways: best against best, and the median over rounds of the ratio to
+plain DeiT-S in the same round (the targets are judged on this one: load
+that drifts between rounds cancels in it). Also the first-step (compile)
+time and XLA's peak memory of the compiled step (arguments, outputs and
+temporaries, less what donation aliases).
 
 The paper's efficient iRPE aims at a small overhead; targets here: iRPE-K at
 most 3% over plain DeiT-S, iRPE-QKV at most 10%.
@@ -98,7 +97,7 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
   parser.add_argument('--steps', type=int, default=1,
                       help='timed steps per round')
   parser.add_argument('--rounds', type=int, default=10,
-                      help='rounds alternating between the models')
+                      help='rounds; each runs every model once, in shuffled order')
   parser.add_argument('--impl', default='auto',
                       help='iRPE lookup impl, or a comma-separated list to '
                       'compare (see irpe_jax.IMPLS)')

@@ -127,8 +127,8 @@ class MetricWriter:
   """Metrics to the console, `metrics.jsonl` and TensorBoard (process 0).
 
   On a terminal a tqdm progress bar shows the step, its rate and the ETA,
-  and metric lines print above it; elsewhere (a log file, CI) the bar is off
-  and every metric line carries the rate and the ETA instead.
+  and metric lines print above it; elsewhere (a log file, CI) the bar is
+  off. Train metric lines carry the rate and the ETA either way.
   """
 
   def __init__(self, workdir: str, total_steps: int, start_step: int = 0,

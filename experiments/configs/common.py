@@ -61,7 +61,8 @@ def deit_recipe() -> ml_collections.ConfigDict:
   config.total_steps = 0                    # > 0 overrides num_epochs.
   config.warmup_steps = ml_collections.config_dict.placeholder(int)
   config.log_every_steps = 100
-  config.progress_bar = ml_collections.config_dict.placeholder(bool)  # None: on a terminal.
+  # Progress bar: True/False forces it; None shows it on a terminal only.
+  config.progress_bar = ml_collections.config_dict.placeholder(bool)
   config.eval_every_steps = 5000
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
