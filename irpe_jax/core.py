@@ -9,6 +9,7 @@ import math
 from typing import Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from irpe_jax import buckets
@@ -62,7 +63,8 @@ def bucket_ids_for(config: SingleRPEConfig, method: str, num_buckets: int,
 def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
                method: str, transposed: bool, height: Optional[int] = None,
                width: Optional[int] = None, impl: str = 'auto',
-               transpose_output: bool = False) -> jax.Array:
+               transpose_output: bool = False,
+               scale: Optional[float] = None) -> jax.Array:
   """The encoding of one iRPE table (one half of 'cross').
 
   Args:
@@ -79,6 +81,10 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
     transpose_output: q/k only: return the encoding with its last two axes
       swapped, as rpe_q adds it to the logits, computed without a transpose
       pass over `(B, H, L, L)`.
+    scale: encode `x * scale` instead of `x`. The contextual lookups are
+      linear in `x`, so the scale goes on the table (a `(D, nb)` multiply
+      instead of a pass over `x`, and no scaled copy of `x` kept for the
+      backward pass); bias encodings do not depend on `x` and ignore it.
 
   Returns:
     `(1, Ht, L, L)` for bias, `(B, H, L, L)` for contextual q/k,
@@ -104,6 +110,8 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
     return ops.bias_encoding(table, ids, impl,
                              transpose_output).astype(x.dtype)
   table = table.astype(x.dtype)
+  if scale is not None:
+    table = table * jnp.asarray(scale, x.dtype)
   if transposed:
     if table.shape[1] != x.shape[3]:
       raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '

@@ -82,8 +82,9 @@ class IRPE(_TableModule):
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *,
-               transpose_output: bool = False) -> jax.Array:
-    """Encodes `x`; see `irpe_jax.core.rpe_lookup` for shapes."""
+               transpose_output: bool = False,
+               scale: Optional[float] = None) -> jax.Array:
+    """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`."""
     mode, method, num_buckets = self.resolved_fields()
     if method == buckets.CROSS:
       raise ValueError("method='cross' holds two tables: use IRPECross.")
@@ -95,7 +96,7 @@ class IRPE(_TableModule):
     return core.rpe_lookup(
         x, table, config=self.rpe_config, method=method,
         transposed=self.transposed, height=height, width=width,
-        impl=self.impl, transpose_output=transpose_output)
+        impl=self.impl, transpose_output=transpose_output, scale=scale)
 
 
 class IRPECross(_TableModule):
@@ -107,7 +108,8 @@ class IRPECross(_TableModule):
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *,
-               transpose_output: bool = False) -> jax.Array:
+               transpose_output: bool = False,
+               scale: Optional[float] = None) -> jax.Array:
     mode, method, num_buckets = self.resolved_fields()
     if method != buckets.CROSS:
       raise ValueError(f"IRPECross needs method='cross', got {method!r}.")
@@ -119,7 +121,7 @@ class IRPECross(_TableModule):
           rpe_config=self.rpe_config, impl=self.impl,
           table_init=self.table_init, dtype=self.dtype,
           param_dtype=self.param_dtype, name='rp_' + half[len('cross_'):],
-      )(x, height, width, transpose_output=transpose_output)
+      )(x, height, width, transpose_output=transpose_output, scale=scale)
     return out
 
 

@@ -52,14 +52,16 @@ class IRPE(nnx.Module):
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *,
-               transpose_output: bool = False) -> jax.Array:
-    """Encodes `x`; see `irpe_jax.core.rpe_lookup` for shapes."""
+               transpose_output: bool = False,
+               scale: Optional[float] = None) -> jax.Array:
+    """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`."""
     if self.dtype is not None:
       x = x.astype(self.dtype)
     return core.rpe_lookup(
         x, getattr(self, self.table_name)[...], config=self.rpe_config,
         method=self.method, transposed=self.transposed, height=height,
-        width=width, impl=self.impl, transpose_output=transpose_output)
+        width=width, impl=self.impl, transpose_output=transpose_output,
+        scale=scale)
 
 
 class IRPECross(nnx.Module):
@@ -86,8 +88,9 @@ class IRPECross(nnx.Module):
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *,
-               transpose_output: bool = False) -> jax.Array:
-    kwargs = dict(transpose_output=transpose_output)
+               transpose_output: bool = False,
+               scale: Optional[float] = None) -> jax.Array:
+    kwargs = dict(transpose_output=transpose_output, scale=scale)
     return (self.rp_rows(x, height, width, **kwargs) +
             self.rp_cols(x, height, width, **kwargs))
 

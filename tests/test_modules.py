@@ -84,6 +84,31 @@ def test_transpose_output_swaps_the_last_two_axes(method):
   chex.assert_trees_all_close(twin(x, 3, 4, transpose_output=True), expected)
 
 
+@pytest.mark.parametrize('mode,method,transposed', [
+    ('contextual', 'product', True), ('contextual', 'cross', True),
+    ('contextual', 'product', False), ('bias', 'product', True)])
+def test_scale_encodes_the_scaled_input(mode, method, transposed):
+  # Contextual lookups are linear in x, so `scale` may go on the table; a
+  # bias does not depend on x at all. Linen and NNX agree on both.
+  cfg = irpe_jax.get_single_rpe_config(method=method, mode=mode, skip=1)
+  x = _x(7, (B, 2, N, 4 if transposed else N))
+  linen = irpe_linen.build_single_rpe(cfg, transposed, 4, 2,
+                                      table_init=NORMAL)
+  variables = linen.init(jax.random.key(8), x, 3, 4)
+  twin = irpe_nnx.build_single_rpe(cfg, transposed, 4, 2, rngs=nnx.Rngs(0))
+  nnx.update(twin, variables['params'])
+  scale = 0.3
+  expected = linen.apply(variables,
+                         x * (scale if mode == 'contextual' else 1.0), 3, 4)
+  got = linen.apply(variables, x, 3, 4, scale=scale)
+  chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
+  chex.assert_trees_all_close(twin(x, 3, 4, scale=scale), got)
+  if transposed:
+    chex.assert_trees_all_close(
+        linen.apply(variables, x, 3, 4, scale=scale, transpose_output=True),
+        jnp.swapaxes(got, -1, -2))
+
+
 def test_traces_once_per_input_shape(cross_qkv):
   module, variables = cross_qkv
 
