@@ -98,8 +98,7 @@ def test_scale_encodes_the_scaled_input(mode, method, transposed):
   twin = irpe_nnx.build_single_rpe(cfg, transposed, 4, 2, rngs=nnx.Rngs(0))
   nnx.update(twin, variables['params'])
   scale = 0.3
-  expected = linen.apply(variables,
-                         x * (scale if mode == 'contextual' else 1.0), 3, 4)
+  expected = linen.apply(variables, x * scale, 3, 4)
   got = linen.apply(variables, x, 3, 4, scale=scale)
   chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(twin(x, 3, 4, scale=scale), got)
