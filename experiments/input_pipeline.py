@@ -1,7 +1,8 @@
 """Input pipeline: tfds or an image folder, DeiT augmentations, host shards.
 
 Examples are read by random access (`tfds.data_source`, no TensorFlow; or a
-folder `root/CLASS/*.jpg`) and preprocessed in threads by grain. The order is
+folder `root/CLASS/*.jpg`) and preprocessed (`experiments.transforms`) in
+threads by grain. The order is
 a pure function of `(seed, step)`:
 
 - every epoch has one global permutation of the training set, the same on
@@ -17,20 +18,18 @@ Mixup and cutmix mix whole batches and run on the device (`mixup_cutmix`).
 """
 
 import functools
-import math
+import importlib.util
 import os
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 from PIL import Image
-from PIL import ImageEnhance
-from PIL import ImageOps
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from experiments import transforms
+
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
 
@@ -65,6 +64,28 @@ class ImageFolderSource:
       return {'image': np.asarray(image.convert('RGB')), 'label': label}
 
 
+def import_tfds():
+  """`tensorflow_datasets`, after checking what it imports but does not declare.
+
+  tensorflow-datasets imports `importlib_resources` whenever it prepares a
+  dataset (`DatasetBuilder.code_path`) but lists it as a dependency only on
+  Python < 3.9; without it the first `tfds.data_source` of an unprepared
+  dataset fails deep inside tfds.
+
+  Raises:
+    ImportError: naming the missing package and how to install it.
+  """
+  for module, package in (('importlib_resources', 'importlib_resources'),
+                          ('array_record', 'array_record')):
+    if importlib.util.find_spec(module) is None:
+      raise ImportError(
+          f'The tfds data path needs the {package!r} package, which '
+          f'tensorflow-datasets imports without installing it: pip install '
+          f'{package} (or pip install "irpe_jax[experiments]").')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds
+
+
 def get_source(dataset: str, split: str,
                data_dir: Optional[str] = None) -> Tuple[Any, int]:
   """A random-access source of `{'image', 'label'}` and its class count.
@@ -74,201 +95,32 @@ def get_source(dataset: str, split: str,
       config ('name/config'); or 'folder:PATH' for `PATH/CLASS/IMAGE`, whose
       split folders are `PATH/SPLIT`.
     split: tfds split string ('train', 'validation', 'train[:90%]', ...).
-    data_dir: tfds data directory (ImageNet must be prepared there from the
-      manual download first).
+    data_dir: tfds data directory (the config's `data_dir`; None: tfds'
+      default, `~/tensorflow_datasets`). A dataset prepared there, e.g. by
+      `experiments.make_tfds_dataset`, is read without its builder code;
+      one that is not is prepared there first (ImageNet needs the manual
+      download in `data_dir/downloads/manual`).
 
   Returns:
     `(source, num_classes)`.
+
+  Raises:
+    ValueError: if the dataset has no `image` feature or no `label` class
+      feature.
   """
   if dataset.startswith('folder:'):
     source = ImageFolderSource(os.path.join(dataset[len('folder:'):], split))
     return source, len(source.classes)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  builder = tfds.builder(dataset, data_dir=data_dir)
+  tfds = import_tfds()
+  # tfds.data_source writes and reads array_record, the random-access format.
   source = tfds.data_source(dataset, split=split, data_dir=data_dir)
-  return source, builder.info.features['label'].num_classes
-
-
-# ----------------------------------------------------------------------------
-# Per-example transforms on uint8 HWC numpy images.
-
-
-def random_resized_crop(image: Image.Image, size: int,
-                        rng: np.random.Generator,
-                        scale: Tuple[float, float] = (0.08, 1.0),
-                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-                        ) -> Image.Image:
-  """Inception-style crop of random area and aspect, resized to `size`."""
-  width, height = image.size
-  area = width * height
-  for _ in range(10):
-    target = area * rng.uniform(*scale)
-    aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
-    w = int(round(math.sqrt(target * aspect)))
-    h = int(round(math.sqrt(target / aspect)))
-    if 0 < w <= width and 0 < h <= height:
-      left = int(rng.integers(0, width - w + 1))
-      top = int(rng.integers(0, height - h + 1))
-      return image.resize((size, size), Image.BICUBIC,
-                          box=(left, top, left + w, top + h))
-  return center_crop(image, size, crop_fraction=1.0)
-
-
-def center_crop(image: Image.Image, size: int,
-                crop_fraction: float = 0.875) -> Image.Image:
-  """DeiT eval: resize the short side to `size / crop_fraction`, crop."""
-  width, height = image.size
-  short = int(size / crop_fraction)
-  scale = short / min(width, height)
-  new_w = max(size, round(width * scale))
-  new_h = max(size, round(height * scale))
-  image = image.resize((new_w, new_h), Image.BICUBIC)
-  left, top = (new_w - size) // 2, (new_h - size) // 2
-  return image.crop((left, top, left + size, top + size))
-
-
-def _fill() -> Tuple[int, int, int]:
-  return tuple(int(255 * m) for m in IMAGENET_MEAN)
-
-
-def _affine(image, matrix):
-  return image.transform(image.size, Image.AFFINE, matrix,
-                         resample=Image.BILINEAR, fillcolor=_fill())
-
-
-# RandAugment ops as timm's 'rand-m9-mstd0.5-inc1' (DeiT): each takes a PIL
-# image and a signed magnitude in [-1, 1] (magnitude / 10, random sign
-# where the op has a direction).
-_RAND_AUGMENT_OPS: Dict[str, Callable[[Image.Image, float], Image.Image]] = {
-    'AutoContrast': lambda im, m: ImageOps.autocontrast(im),
-    'Equalize': lambda im, m: ImageOps.equalize(im),
-    'Invert': lambda im, m: ImageOps.invert(im),
-    'Rotate': lambda im, m: im.rotate(30 * m, resample=Image.BILINEAR,
-                                      fillcolor=_fill()),
-    'PosterizeIncreasing': lambda im, m: ImageOps.posterize(
-        im, 4 - int(abs(m) * 4)),
-    'SolarizeIncreasing': lambda im, m: ImageOps.solarize(
-        im, 256 - int(abs(m) * 256)),
-    'SolarizeAdd': lambda im, m: Image.fromarray(np.where(
-        np.asarray(im) < 128,
-        np.minimum(np.asarray(im).astype(np.int32) + int(abs(m) * 110), 255),
-        np.asarray(im)).astype(np.uint8)),
-    'ColorIncreasing': lambda im, m: ImageEnhance.Color(im).enhance(1 + .9 * m),
-    'ContrastIncreasing': lambda im, m: ImageEnhance.Contrast(im).enhance(
-        1 + .9 * m),
-    'BrightnessIncreasing': lambda im, m: ImageEnhance.Brightness(im).enhance(
-        1 + .9 * m),
-    'SharpnessIncreasing': lambda im, m: ImageEnhance.Sharpness(im).enhance(
-        1 + .9 * m),
-    'ShearX': lambda im, m: _affine(im, (1, .3 * m, 0, 0, 1, 0)),
-    'ShearY': lambda im, m: _affine(im, (1, 0, 0, .3 * m, 1, 0)),
-    'TranslateXRel': lambda im, m: _affine(
-        im, (1, 0, .45 * m * im.size[0], 0, 1, 0)),
-    'TranslateYRel': lambda im, m: _affine(
-        im, (1, 0, 0, 0, 1, .45 * m * im.size[1])),
-}
-
-
-def rand_augment(image: Image.Image, rng: np.random.Generator,
-                 num_ops: int = 2, magnitude: float = 9.0,
-                 magnitude_std: float = 0.5, prob: float = 0.5
-                 ) -> Image.Image:
-  """RandAugment (Cubuk et al.) as timm's `rand-m9-mstd0.5-inc1`.
-
-  Args:
-    image: RGB PIL image.
-    rng: random generator of this example.
-    num_ops: ops applied in sequence, each chosen uniformly.
-    magnitude: out of 10.
-    magnitude_std: std of a Gaussian jitter on the magnitude per op.
-    prob: probability of applying each chosen op.
-
-  Returns:
-    The augmented image.
-  """
-  names = list(_RAND_AUGMENT_OPS)
-  for index in rng.integers(0, len(names), size=num_ops):
-    if rng.uniform() > prob:
-      continue
-    m = magnitude + magnitude_std * rng.normal() if magnitude_std else magnitude
-    m = float(np.clip(m, 0, 10)) / 10 * (1 if rng.uniform() < 0.5 else -1)
-    image = _RAND_AUGMENT_OPS[names[index]](image, m)
-  return image
-
-
-def random_erasing(image: np.ndarray, rng: np.random.Generator,
-                   prob: float = 0.25,
-                   area: Tuple[float, float] = (0.02, 1 / 3),
-                   aspect: Tuple[float, float] = (0.3, 3.3)) -> np.ndarray:
-  """Zhong et al.'s random erasing, timm's 'pixel' mode (normal noise).
-
-  Args:
-    image: normalised float `(H, W, C)`.
-    rng: random generator of this example.
-    prob: probability of erasing one rectangle.
-    area: range of its share of the image area.
-    aspect: range of its aspect ratio (log-uniform).
-
-  Returns:
-    The image, a rectangle replaced by standard normal noise or unchanged.
-  """
-  if rng.uniform() >= prob:
-    return image
-  height, width, channels = image.shape
-  for _ in range(10):
-    target = height * width * rng.uniform(*area)
-    ratio = math.exp(rng.uniform(math.log(aspect[0]), math.log(aspect[1])))
-    h = int(round(math.sqrt(target * ratio)))
-    w = int(round(math.sqrt(target / ratio)))
-    if 0 < h < height and 0 < w < width:
-      top = int(rng.integers(0, height - h + 1))
-      left = int(rng.integers(0, width - w + 1))
-      image = image.copy()
-      image[top:top + h, left:left + w] = rng.normal(
-          size=(h, w, channels)).astype(image.dtype)
-      return image
-  return image
-
-
-def normalize(image: np.ndarray) -> np.ndarray:
-  """uint8 RGB -> float32 normalised with the ImageNet mean and std."""
-  return (np.asarray(image, np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-  """uint8 `(H, W, C)` (C 1 or 3) or `(H, W)` -> RGB PIL image."""
-  image = np.asarray(image)
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = image[..., 0]
-  return Image.fromarray(image).convert('RGB')
-
-
-def train_transform(image: np.ndarray, rng: np.random.Generator,
-                    config: Any) -> np.ndarray:
-  """The DeiT training augmentation of one uint8 image -> float32 HWC."""
-  pil = to_pil(image)
-  if config.get('random_resized_crop', True):
-    pil = random_resized_crop(pil, config.image_size, rng,
-                              scale=tuple(config.get('crop_scale',
-                                                     (0.08, 1.0))))
-  else:
-    pil = pil.resize((config.image_size,) * 2, Image.BICUBIC)
-  if config.get('flip', True) and rng.uniform() < 0.5:
-    pil = ImageOps.mirror(pil)
-  if config.get('randaugment_ops', 0):
-    pil = rand_augment(pil, rng, config.randaugment_ops,
-                       config.get('randaugment_magnitude', 9.0),
-                       config.get('randaugment_magnitude_std', 0.5))
-  out = normalize(pil)
-  if config.get('random_erasing', 0.0):
-    out = random_erasing(out, rng, config.random_erasing)
-  return out
-
-
-def eval_transform(image: np.ndarray, config: Any) -> np.ndarray:
-  """Resize and centre crop of one uint8 image -> float32 HWC."""
-  return normalize(center_crop(to_pil(image), config.image_size,
-                               config.get('crop_fraction', 0.875)))
+  features = source.dataset_info.features
+  label = features['label'] if 'label' in features else None
+  if 'image' not in features or not isinstance(label,
+                                               tfds.features.ClassLabel):
+    raise ValueError(f'dataset={dataset!r} must have an "image" feature and a '
+                     f'"label" ClassLabel feature; it has {features}.')
+  return source, label.num_classes
 
 
 # ----------------------------------------------------------------------------
@@ -315,14 +167,15 @@ def train_iterator(source: Any, config: Any, start_step: int, num_steps: int,
     epoch, i = divmod(position, num_examples)
     example = source[int(_epoch_permutation(num_examples, seed, epoch)[i])]
     rng = np.random.default_rng([seed, 1, position])
-    return {'image': train_transform(example['image'], rng, config),
+    return {'image': transforms.train_transform(example['image'], rng,
+                                                 config),
             'label': np.int32(example['label'])}
 
   ds = grain.MapDataset.range(start_step * local, num_steps * local)
   ds = ds.map(read).batch(local, drop_remainder=True)
   return iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.get('num_threads', 8),
-      prefetch_buffer_size=config.get('prefetch', 4))))
+      num_threads=config.num_threads,
+      prefetch_buffer_size=config.prefetch)))
 
 
 def eval_batches(source: Any, config: Any) -> Iterator[Dict[str, np.ndarray]]:
@@ -331,7 +184,7 @@ def eval_batches(source: Any, config: Any) -> Iterator[Dict[str, np.ndarray]]:
   Every host yields the same number of batches of `eval_batch_size /
   process_count` examples; host `p` holds the examples `p, p + P, ...`.
   """
-  global_batch = config.get('eval_batch_size', config.batch_size)
+  global_batch = config.eval_batch_size
   _, local = host_slice(global_batch)
   count, index = jax.process_count(), jax.process_index()
   mine = np.arange(index, len(source), count)
@@ -346,13 +199,13 @@ def eval_batches(source: Any, config: Any) -> Iterator[Dict[str, np.ndarray]]:
                                 np.float32),
               'label': np.int32(0), 'mask': np.float32(0)}
     example = source[int(i)]
-    return {'image': eval_transform(example['image'], config),
+    return {'image': transforms.eval_transform(example['image'], config),
             'label': np.int32(example['label']), 'mask': np.float32(1)}
 
   ds = grain.MapDataset.source(indices).map(read).batch(local)
   return iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=config.get('num_threads', 8),
-      prefetch_buffer_size=config.get('prefetch', 4))))
+      num_threads=config.num_threads,
+      prefetch_buffer_size=config.prefetch)))
 
 
 # ----------------------------------------------------------------------------

@@ -19,31 +19,27 @@ from typing import List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
+from experiments import transforms
 from irpe_jax import convert
 from irpe_jax import models
 
-MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-STD = np.array([0.229, 0.224, 0.225], np.float32)
+# The DeiT eval preprocessing: one definition, shared with training's eval.
+MEAN = transforms.IMAGENET_MEAN
+STD = transforms.IMAGENET_STD
 CROP_PCT = 0.875
 
 
 def preprocess(path: str, size: int) -> np.ndarray:
-  """Loads an image as DeiT evaluates it: `(size, size, 3)` float32, NHWC."""
-  from PIL import Image  # pylint: disable=g-import-not-at-top
+  """Loads an image as DeiT evaluates it: `(size, size, 3)` float32, NHWC.
+
+  Bicubic resize of the shorter side to `int(size / 0.875)`, centre crop
+  (`transforms.center_crop`), ImageNet mean and std.
+  """
   with Image.open(path) as image:
-    image = image.convert('RGB')
-    width, height = image.size
-    short = int(size / CROP_PCT)
-    # torchvision's Resize(short): the long side is truncated, not rounded.
-    resized = ((short, int(short * height / width)) if width <= height else
-               (int(short * width / height), short))
-    image = image.resize(resized, Image.Resampling.BICUBIC)
-    left = int(round((resized[0] - size) / 2))
-    top = int(round((resized[1] - size) / 2))
-    image = image.crop((left, top, left + size, top + size))
-    pixels = np.asarray(image, np.float32) / 255.0
-  return (pixels - MEAN) / STD
+    return transforms.normalize(transforms.center_crop(
+        image.convert('RGB'), size, CROP_PCT))
 
 
 def class_names() -> List[str]:

@@ -1,8 +1,19 @@
-"""experiments.input_pipeline and experiments.optim: order, shards, mixing."""
+"""experiments.input_pipeline and experiments.optim: order, shards, mixing.
+
+The tfds tests read a dataset prepared offline in a temporary data_dir by a
+real builder (`experiments.make_tfds_dataset`), through `tfds.data_source`
+as training does: `tfds.testing.mock_data` replaces that path and hid a
+crash in it.
+"""
+
+import importlib.util
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from PIL import Image
 import pytest
@@ -10,7 +21,10 @@ import pytest
 import irpe_jax
 from experiments import input_pipeline
 from experiments import optim
+from experiments.configs import common
 from irpe_jax import models
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def make_source(num_examples=12):
@@ -21,12 +35,22 @@ def make_source(num_examples=12):
 
 
 def make_config(**overrides):
-  config = ml_collections.ConfigDict({
-      'batch_size': 4, 'eval_batch_size': 4, 'image_size': 8,
-      'randaugment_ops': 2, 'random_erasing': 0.5, 'num_threads': 2,
-      'prefetch': 2, 'crop_fraction': 1.0})
+  """The recipe's input config (its defaults), shrunk."""
+  config = common.deit_recipe().input
+  config.update(batch_size=4, eval_batch_size=4, image_size=8,
+                random_erasing=0.5, num_threads=2, prefetch=2,
+                crop_fraction=1.0)
   config.update(overrides)
   return config
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory) -> pathlib.Path:
+  """A data_dir holding `synthetic_cifar10` (24 train, 10 test), array_record."""
+  from experiments import make_tfds_dataset  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  make_tfds_dataset.prepare(str(data_dir), num_train=24, num_test=10)
+  return data_dir
 
 
 def take(iterator, count):
@@ -128,34 +152,6 @@ def test_smooth_one_hot_is_timm_label_smoothing():
                              atol=1e-6)
 
 
-def test_transforms_give_normalised_crops_of_the_configured_size():
-  config = make_config(image_size=16)
-  image = np.random.default_rng(0).integers(0, 255, (40, 30, 3)).astype(
-      np.uint8)
-  rng = np.random.default_rng(0)
-  for _ in range(8):
-    out = input_pipeline.train_transform(image, rng, config)
-    assert out.shape == (16, 16, 3) and out.dtype == np.float32
-    assert np.all(np.isfinite(out))
-  out = input_pipeline.eval_transform(image, config)
-  assert out.shape == (16, 16, 3)
-  grey = input_pipeline.eval_transform(np.full((20, 20, 1), 128, np.uint8),
-                                       config)
-  np.testing.assert_allclose(grey, np.broadcast_to(
-      (128 / 255 - input_pipeline.IMAGENET_MEAN) / input_pipeline.IMAGENET_STD,
-      grey.shape), atol=1e-5)
-
-
-def test_random_erasing_replaces_one_rectangle():
-  image = np.zeros((16, 16, 3), np.float32)
-  out = input_pipeline.random_erasing(image, np.random.default_rng(0),
-                                      prob=1.0)
-  rows, cols = np.nonzero(np.any(out != 0, -1))
-  assert rows.size > 0
-  box = out[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-  assert np.all(np.any(box != 0, -1))
-
-
 def test_image_folder_source_labels_sorted_class_folders(tmp_path):
   for name, colour in (('b_cat', 200), ('a_dog', 50)):
     (tmp_path / 'train' / name).mkdir(parents=True)
@@ -169,6 +165,113 @@ def test_image_folder_source_labels_sorted_class_folders(tmp_path):
   assert example['image'][0, 0, 0] == 50  # a_dog comes first.
   with pytest.raises(ValueError, match='does not exist'):
     input_pipeline.get_source(f'folder:{tmp_path}', 'test')
+
+
+def replay_images(split, count, seed=0):
+  """The images `make_tfds_dataset` generated for `split`, by their id."""
+  from experiments import make_tfds_dataset  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng([seed, 0 if split == 'train' else 1])
+  return {f'{split}_{i:06d}': make_tfds_dataset.make_image(i % 10, rng)
+          for i in range(count)}
+
+
+def test_tfds_source_reads_a_dataset_prepared_offline(tfds_dir):
+  source, num_classes = input_pipeline.get_source('synthetic_cifar10',
+                                                  'train', str(tfds_dir))
+  assert num_classes == 10 and len(source) == 24
+  written = replay_images('train', 24)
+  labels = []
+  for i in range(len(source)):
+    example = source[i]
+    key = example['id'].decode() if isinstance(example['id'], bytes) else (
+        example['id'])
+    assert example['image'].dtype == np.uint8
+    np.testing.assert_array_equal(example['image'], written[key])
+    assert example['label'] == int(key[-6:]) % 10
+    labels.append(int(example['label']))
+  assert sorted(labels) == sorted(list(range(10)) * 2 + list(range(4)))
+  half, _ = input_pipeline.get_source('synthetic_cifar10', 'test[:50%]',
+                                      str(tfds_dir))
+  assert len(half) == 5
+
+
+def test_train_and_eval_batches_from_a_tfds_source(tfds_dir):
+  train_source, _ = input_pipeline.get_source('synthetic_cifar10', 'train',
+                                              str(tfds_dir))
+  eval_source, _ = input_pipeline.get_source('synthetic_cifar10', 'test',
+                                             str(tfds_dir))
+  config = make_config(batch_size=8, randaugment_ops=3,
+                       randaugment_magnitude=10.0, random_erasing=1.0)
+  batches = take(input_pipeline.train_iterator(train_source, config, 0, 3,
+                                               seed=0), 3)
+  for batch in batches:
+    assert batch['image'].shape == (8, 8, 8, 3)
+    assert np.all(np.isfinite(batch['image']))
+  # 3 batches of 8 are one epoch of the 24 training examples.
+  assert sorted(np.concatenate([b['label'] for b in batches]).tolist()) == (
+      sorted(int(train_source[i]['label']) for i in range(24)))
+  seen = []
+  for batch in input_pipeline.eval_batches(eval_source, config):
+    seen += batch['label'][batch['mask'] > 0].tolist()
+  assert sorted(seen) == sorted(int(eval_source[i]['label'])
+                                for i in range(10))
+
+
+def test_a_prepared_dataset_is_read_by_name_without_its_builder(tfds_dir):
+  # What `python -m experiments.train --config.dataset=synthetic_cifar10`
+  # does: a fresh process that never imports the builder's module.
+  code = ('import sys\n'
+          'from experiments import input_pipeline\n'
+          'source, n = input_pipeline.get_source("synthetic_cifar10", "test",'
+          ' sys.argv[1])\n'
+          'assert "experiments.make_tfds_dataset" not in sys.modules\n'
+          'print(len(source), n, source[0]["image"].shape)\n')
+  run = subprocess.run([sys.executable, '-c', code, str(tfds_dir)], cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)),
+                       capture_output=True, text=True, check=False)
+  assert run.returncode == 0, run.stderr[-2000:]
+  assert run.stdout.splitlines()[-1] == '10 10 (32, 32, 3)'
+
+
+@pytest.mark.parametrize('missing', ['importlib_resources', 'array_record'])
+def test_import_tfds_names_a_package_tfds_needs_but_does_not_install(
+    monkeypatch, missing):
+  find_spec = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, 'find_spec',
+                      lambda name, *args: None if name == missing
+                      else find_spec(name, *args))
+  with pytest.raises(ImportError, match=f'pip install {missing}'):
+    input_pipeline.import_tfds()
+
+
+def test_setup_declares_every_package_the_data_path_imports():
+  import configparser  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  setup = configparser.ConfigParser()
+  setup.read(REPO / 'setup.cfg')
+  declared = {re.split(r'[<>=!~ ;\[]', line.strip())[0].lower()
+              .replace('_', '-')
+              for line in setup['options.extras_require']['experiments']
+              .splitlines() if line.strip() and not line.strip().startswith(
+                  '#')}
+  for package in ('tensorflow-datasets', 'importlib-resources',
+                  'array-record', 'grain', 'pillow', 'ml-collections'):
+    assert package in declared, package
+
+
+def test_train_runs_on_a_tfds_dataset_at_full_augmentation(tfds_dir,
+                                                          tmp_path):
+  from experiments import train  # pylint: disable=g-import-not-at-top
+  import train_worker  # pylint: disable=g-import-not-at-top
+  config = train_worker.tiny_config('synthetic_cifar10')
+  config.data_dir = str(tfds_dir)
+  config.input.update(randaugment_ops=3, randaugment_magnitude=10.0,
+                      random_erasing=1.0)
+  config.total_steps = 2
+  out = train.train_and_evaluate(config, str(tmp_path))
+  assert out['step'] == 2
+  assert 0.0 <= out['eval']['top1'] <= 1.0
+  assert np.isfinite(out['eval']['loss'])
 
 
 def test_no_weight_decay_on_biases_norms_tokens_and_irpe_tables():
