@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from experiments import transforms
+from irpe_jax import _checks
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 
@@ -158,7 +159,11 @@ def train_iterator(source: Any, config: Any, start_step: int, num_steps: int,
     An iterator of `{'image': (b, S, S, 3) float32, 'label': (b,) int32}`
     with `b = batch_size / process_count`.
   """
+  # numpy seeds must be >= 0; checked here, not in a grain thread.
+  seed = _checks.check_int('seed', seed, 0)
   num_examples = len(source)
+  if not num_examples:
+    raise ValueError('The training source has no examples.')
   offset, local = host_slice(config.batch_size)
 
   def read(k):

@@ -88,6 +88,14 @@ def test_resuming_at_a_step_continues_the_same_stream():
     np.testing.assert_array_equal(a['label'], b['label'])
 
 
+@pytest.mark.parametrize('source, seed, match', [([], 0, 'no examples'),
+                                                (make_source(), -1, 'seed')])
+def test_train_iterator_rejects_what_would_fail_in_a_worker(source, seed,
+                                                            match):
+  with pytest.raises(ValueError, match=match):
+    input_pipeline.train_iterator(source, make_config(), 0, 1, seed=seed)
+
+
 def test_each_epoch_is_a_new_permutation_of_all_examples():
   source, config = make_source(12), make_config()
   batches = take(input_pipeline.train_iterator(source, config, 0, 6, seed=0),
