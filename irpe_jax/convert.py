@@ -10,32 +10,40 @@ Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
 | LayerNorm `weight (C,)` | LayerNorm `scale (C,)` |
 | iRPE `lookup_table_*`, `cls_token`, `pos_embed`, biases | unchanged |
 
-Reading a `.pth` needs no torch and runs no code from the file (see
-`irpe_jax._torch_pickle`). Given a model, a checkpoint is checked against
-the model's parameter shapes first, and a mismatch raises one error listing
-every missing, unexpected and wrongly shaped tensor: nothing is half-loaded.
+Two names that map to one Flax param, or a name that would be both a param
+and a module, are errors. Reading a `.pth` needs no torch and runs no code
+from the file (see `irpe_jax._torch_pickle`). Given a model, the params are
+checked against it (`irpe_jax.models.check_params`, which names them here as
+the file does) and a mismatch raises one error listing every missing,
+unexpected and wrongly shaped tensor: nothing is half-loaded.
 
 Command line:
 
-    python -m irpe_jax.convert IN.pth OUT.msgpack [--model NAME]
+    python -m irpe_jax.convert IN.pth OUT.msgpack [--model NAME] [--force]
 """
 
 import argparse
+import contextlib
+import os
 import re
+import secrets
 import sys
-import zipfile
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import flax
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from irpe_jax import _torch_pickle
+from irpe_jax import models
+from irpe_jax.models import params as params_lib
 
 Params = Dict[str, Any]
 _BLOCK_INDEX = re.compile(r'^(.+)_(\d+)$')
+# Flax kernel axes -> PyTorch weight axes, by number of dimensions.
+_TO_TORCH_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
+_TO_FLAX_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}
 
 
 def _transpose(x: Any, axes: Sequence[int]) -> Any:
@@ -45,100 +53,30 @@ def _transpose(x: Any, axes: Sequence[int]) -> Any:
   return np.transpose(np.asarray(x), axes)
 
 
-def _leaf_to_flax(name: str, value: Any):
+def _leaf_to_flax(name: str, value: Any) -> Tuple[str, Any]:
   """`(flax leaf name, value)` of a torch tensor name's last part."""
   if name != 'weight':
     return name, value
   ndim = len(value.shape)
   if ndim == 1:
     return 'scale', value
-  if ndim == 2:
-    return 'kernel', _transpose(value, (1, 0))
-  if ndim == 4:
-    return 'kernel', _transpose(value, (2, 3, 1, 0))
+  if ndim in _TO_FLAX_AXES:
+    return 'kernel', _transpose(value, _TO_FLAX_AXES[ndim])
   raise ValueError(f'A weight of shape {value.shape} is neither LayerNorm '
                    f'(1-D), Linear (2-D) nor Conv2d (4-D).')
 
 
-def _leaf_to_torch(name: str, value: Any):
+def _leaf_to_torch(name: str, value: Any) -> Tuple[str, Any]:
   """Inverse of `_leaf_to_flax`."""
   if name == 'scale':
     return 'weight', value
   if name == 'kernel':
     ndim = len(value.shape)
-    if ndim == 2:
-      return 'weight', _transpose(value, (1, 0))
-    if ndim == 4:
-      return 'weight', _transpose(value, (3, 2, 0, 1))
-    raise ValueError(f'A kernel of shape {value.shape} is neither Dense '
-                     f'(2-D) nor Conv (4-D).')
+    if ndim not in _TO_TORCH_AXES:
+      raise ValueError(f'A kernel of shape {value.shape} is neither Dense '
+                       f'(2-D) nor Conv (4-D).')
+    return 'weight', _transpose(value, _TO_TORCH_AXES[ndim])
   return name, value
-
-
-def torch_to_flax(state_dict: Mapping[str, Any],
-                  expected: Optional[Params] = None) -> Params:
-  """Converts a release state dict to a Flax param tree.
-
-  Args:
-    state_dict: tensor name -> array (numpy, or anything `np.asarray`
-      takes; `jax.ShapeDtypeStruct`s pass through), as `model.state_dict()`
-      of the release.
-    expected: optional params (arrays or `jax.ShapeDtypeStruct`s, for
-      example `expected_params(model)`) to check names and shapes against
-      and to take dtypes from.
-
-  Returns:
-    The nested `params` dict for `model.apply({'params': params}, ...)`.
-
-  Raises:
-    ValueError: listing every missing, unexpected and wrongly shaped tensor
-      when `expected` is given and differs.
-  """
-  if not isinstance(state_dict, Mapping):
-    raise TypeError(f'state_dict must be a mapping of tensor names to arrays, '
-                    f'got {type(state_dict).__name__}.')
-  flat = {}
-  for name, value in state_dict.items():
-    if not isinstance(name, str) or not name:
-      raise ValueError(f'Tensor names must be non-empty strings, got '
-                       f'{name!r}.')
-    if not isinstance(value, jax.ShapeDtypeStruct):
-      value = np.asarray(value)
-    parts = name.split('.')
-    path = []
-    for part in parts[:-1]:
-      if part.isdigit() and path:
-        path[-1] = f'{path[-1]}_{part}'
-      else:
-        path.append(part)
-    leaf, value = _leaf_to_flax(parts[-1], value)
-    flat[tuple(path) + (leaf,)] = value
-  if expected is not None:
-    flat = _check_against(flat, expected)
-  return flax.traverse_util.unflatten_dict(flat)
-
-
-def flax_to_torch(params: Params) -> Dict[str, Any]:
-  """Converts Flax params to a release state dict, inverting `torch_to_flax`.
-
-  Args:
-    params: the `params` collection (a `{'params': ...}` wrapper is
-      accepted too). Leaves may be arrays or `jax.ShapeDtypeStruct`s.
-
-  Returns:
-    Tensor name -> numpy array (or `ShapeDtypeStruct`), in PyTorch layout;
-    `torch.from_numpy` each to get a state dict for `load_state_dict`.
-  """
-  params = flax.core.unfreeze(params)
-  if set(params) == {'params'}:
-    params = params['params']
-  out = {}
-  for path, value in flax.traverse_util.flatten_dict(params).items():
-    _, value = _leaf_to_torch(path[-1], value)
-    if not isinstance(value, jax.ShapeDtypeStruct):
-      value = np.asarray(value)
-    out[_torch_name(path)] = value
-  return out
 
 
 def _torch_name(path: Sequence[str]) -> str:
@@ -151,40 +89,118 @@ def _torch_name(path: Sequence[str]) -> str:
   return '.'.join(names + [leaf])
 
 
-def expected_params(model: nn.Module) -> Params:
-  """`jax.ShapeDtypeStruct` params of a `VisionTransformer`, without init."""
-  size = model.img_size
-  rows, cols = (size, size) if isinstance(size, int) else size
-  images = jax.ShapeDtypeStruct((1, rows, cols, model.in_chans), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return flax.core.unfreeze(variables['params'])
+def _as_torch(path: Tuple[str, ...], shape: Tuple[int, ...]
+              ) -> Tuple[str, Tuple[int, ...]]:
+  """A Flax param's tensor name and shape in the release's checkpoints."""
+  axes = _TO_TORCH_AXES.get(len(shape)) if path[-1] == 'kernel' else None
+  return _torch_name(path), tuple(shape[a] for a in axes) if axes else shape
 
 
-def _check_against(flat: Dict[tuple, np.ndarray], expected: Params
-                   ) -> Dict[tuple, np.ndarray]:
-  """Casts `flat` to `expected`'s dtypes; raises listing every mismatch."""
-  want = flax.traverse_util.flatten_dict(flax.core.unfreeze(expected))
-  missing = sorted(_torch_name(p) for p in want.keys() - flat.keys())
-  unexpected = sorted(_torch_name(p) for p in flat.keys() - want.keys())
-  torch_shape = lambda p, x: tuple(_leaf_to_torch(p[-1], x)[1].shape)
-  wrong = sorted(
-      f'{_torch_name(p)}: checkpoint {torch_shape(p, flat[p])}, model '
-      f'{torch_shape(p, want[p])}'
-      for p in flat.keys() & want.keys() if flat[p].shape != want[p].shape)
-  if missing or unexpected or wrong:
-    lines = ['The checkpoint does not fit the model:']
-    for title, items in (('missing', missing), ('unexpected', unexpected),
-                         ('wrong shape', wrong)):
-      if items:
-        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items))
-    got, need = flat.get(('pos_embed',)), want.get(('pos_embed',))
-    if (got is not None and need is not None and got.shape != need.shape
-        and got.shape[-1] == need.shape[-1]):
-      lines.append('  (for another resolution, resample pos_embed with '
-                   'irpe_jax.models.resample_posemb)')
-    raise ValueError('\n'.join(lines))
-  return {p: v if isinstance(v, jax.ShapeDtypeStruct) else v.astype(
-      want[p].dtype) for p, v in flat.items()}
+def _flax_path(name: Any) -> Tuple[str, ...]:
+  """`blocks.0.attn.qkv` -> `('blocks_0', 'attn', 'qkv')` (leaf apart)."""
+  if not isinstance(name, str) or not name or '' in name.split('.'):
+    raise ValueError(f'Tensor names must be non-empty dotted names, got '
+                     f'{name!r}.')
+  path = []
+  for part in name.split('.'):
+    if part.isdigit() and path:
+      path[-1] = f'{path[-1]}_{part}'
+    else:
+      path.append(part)
+  return tuple(path)
+
+
+def _check_one_to_one(names: Mapping[Tuple[str, ...], Sequence[str]],
+                      kind: str) -> None:
+  """Raises naming every two keys that share a slot or nest in each other.
+
+  Args:
+    names: each target path -> the source keys that map to it.
+    kind: what the paths are, for the message.
+  """
+  problems = [f'{" and ".join(map(repr, keys))} all map to the {kind} '
+              f'{"/".join(path)}' for path, keys in names.items()
+              if len(keys) > 1]
+  inner = {}
+  for path, keys in names.items():
+    for i in range(1, len(path)):
+      inner.setdefault(path[:i], keys[0])
+  problems += [f'{keys[0]!r} maps to the {kind} {"/".join(path)}, which '
+               f'{inner[path]!r} needs as a module holding params'
+               for path, keys in names.items() if path in inner]
+  if problems:
+    raise ValueError('Tensor names do not map one to one: '
+                     + '; '.join(sorted(problems)) + '.')
+
+
+def torch_to_flax(state_dict: Mapping[str, Any],
+                  expected: Optional[Any] = None) -> Params:
+  """Converts a release state dict to a Flax param tree.
+
+  Args:
+    state_dict: tensor name -> array (numpy, or anything `np.asarray`
+      takes; `jax.ShapeDtypeStruct`s pass through), as `model.state_dict()`
+      of the release.
+    expected: optional model, or the params it expects (arrays or
+      `jax.ShapeDtypeStruct`s, e.g. `models.expected_params(model)`), to
+      check names and shapes against and take dtypes from.
+
+  Returns:
+    The nested `params` dict for `model.apply({'params': params}, ...)`.
+
+  Raises:
+    ValueError: if two names map to one Flax param, or one name maps to a
+      module that holds others (`blocks.0.attn` beside
+      `blocks.0.attn.qkv.weight`); and, given `expected`, listing every
+      missing, unexpected and wrongly shaped tensor.
+  """
+  if not isinstance(state_dict, Mapping):
+    raise TypeError(f'state_dict must be a mapping of tensor names to arrays, '
+                    f'got {type(state_dict).__name__}.')
+  flat, sources = {}, {}
+  for name, value in state_dict.items():
+    if not isinstance(value, jax.ShapeDtypeStruct):
+      value = np.asarray(value)
+    path = _flax_path(name)
+    leaf, value = _leaf_to_flax(path[-1], value)
+    path = path[:-1] + (leaf,)
+    sources.setdefault(path, []).append(name)
+    flat[path] = value
+  _check_one_to_one(sources, 'Flax param')
+  params = flax.traverse_util.unflatten_dict(flat)
+  if expected is not None:
+    params = params_lib.check_params(params, expected, describe=_as_torch)
+  return params
+
+
+def flax_to_torch(params: Params) -> Dict[str, Any]:
+  """Converts Flax params to a release state dict, inverting `torch_to_flax`.
+
+  Args:
+    params: the `params` collection (a `{'params': ...}` wrapper is
+      accepted too). Leaves may be arrays or `jax.ShapeDtypeStruct`s.
+
+  Returns:
+    Tensor name -> numpy array (or `ShapeDtypeStruct`), in PyTorch layout;
+    `torch.from_numpy` each to get a state dict for `load_state_dict`.
+
+  Raises:
+    ValueError: if two params map to one tensor name
+      (`norm/scale` and `norm/weight`, or `blocks_0` and `blocks/0`).
+  """
+  params = flax.core.unfreeze(params)
+  if set(params) == {'params'}:
+    params = params['params']
+  out, sources = {}, {}
+  for path, value in flax.traverse_util.flatten_dict(params).items():
+    _, value = _leaf_to_torch(path[-1], value)
+    if not isinstance(value, jax.ShapeDtypeStruct):
+      value = np.asarray(value)
+    name = _torch_name(path)
+    sources.setdefault((name,), []).append('/'.join(path))
+    out[name] = value
+  _check_one_to_one(sources, 'tensor name')
+  return out
 
 
 def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:
@@ -200,45 +216,74 @@ def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:
   return obj
 
 
-def _read_npz(path: str) -> Dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as data:
-    keys = [k for k in data.files if k.startswith('state/')]
-    if keys:
-      return {k[len('state/'):]: data[k] for k in keys}
-    return {k: data[k] for k in data.files}
+def _read_npz(archive, path: str, max_bytes: Optional[int]
+              ) -> Dict[str, np.ndarray]:
+  """The arrays of an `.npz`, each size checked before it is allocated."""
+  budget = _torch_pickle.default_budget(path, max_bytes)
+  infos = archive.infolist()
+  if any(i.filename.startswith('state/') for i in infos):
+    infos = [i for i in infos if i.filename.startswith('state/')]
+  arrays = {}
+  for info in infos:
+    with _torch_pickle.zip_errors(path, info):
+      with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (
+            1, 0) else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read_header(f)
+        header = f.tell()
+      if dtype.kind not in 'biufc' or dtype.hasobject:
+        raise _torch_pickle.CheckpointError(
+            f'{path}: {info.filename} holds dtype {dtype}, not numbers.')
+      nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+      if header + nbytes != info.file_size:
+        raise _torch_pickle.CheckpointError(
+            f'{path}: {info.filename} declares {shape} {dtype} '
+            f'({nbytes:,} bytes) but holds {info.file_size - header:,}: '
+            f'it is corrupt.')
+      budget.charge(nbytes, f'{info.filename} ({nbytes:,} bytes)')
+      with archive.open(info) as f:
+        array = np.lib.format.read_array(f, allow_pickle=False)
+    name = info.filename[:-len('.npy')]
+    arrays[name[len('state/'):] if name.startswith('state/') else name] = (
+        array)
+  return arrays
 
 
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+def read_state_dict(path: str, *, max_bytes: Optional[int] = None
+                    ) -> Dict[str, np.ndarray]:
   """Reads the tensors of a `.pth` or `.npz` checkpoint as numpy arrays.
 
   The format is told from the content: a `torch.save` zip (`data.pkl`
   inside), or a numpy `.npz` whose keys are tensor names, optionally under
   `state/` (other keys are then ignored).
 
+  Args:
+    path: the checkpoint.
+    max_bytes: the most bytes reading may allocate; see
+      `irpe_jax._torch_pickle.load_pth`.
+
   Raises:
-    ValueError: if the file is neither, or is truncated or unsafe.
+    FileNotFoundError, IsADirectoryError: if `path` is no file.
+    ValueError: if the file is neither format (saying what it is: empty,
+      a truncated zip, PyTorch's legacy format, ...), is corrupt, unsafe or
+      larger than `max_bytes`.
   """
-  if not zipfile.is_zipfile(path):
-    raise ValueError(f'{path} is not a checkpoint: expected a PyTorch .pth '
-                     f'(zip format) or a numpy .npz, and it is not a zip.')
-  try:
-    with zipfile.ZipFile(path) as archive:
-      names = archive.namelist()
-  except zipfile.BadZipFile as e:
-    raise ValueError(f'{path} is a corrupt zip: {e}.') from None
-  if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
-    return dict(_state_dict_of(_torch_pickle.load_pth(path), path))
-  if names and all(n.endswith('.npy') for n in names):
-    try:
-      return _read_npz(path)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-      raise ValueError(f'{path} is a corrupt .npz: {e}.') from None
+  path = os.fspath(path)
+  with _torch_pickle.open_zip(path) as archive:
+    names = archive.namelist()
+    if any(n == 'data.pkl' or n.endswith('/data.pkl') for n in names):
+      obj = _torch_pickle.load_pth(path, max_bytes=max_bytes)
+      return dict(_state_dict_of(obj, path))
+    if names and all(n.endswith('.npy') for n in names):
+      return _read_npz(archive, path, max_bytes)
   raise ValueError(f'{path} is a zip but neither a PyTorch checkpoint '
                    f'(data.pkl) nor a numpy .npz.')
 
 
 def load_torch_checkpoint(path: str, model: Optional[nn.Module] = None,
-                          expected: Optional[Params] = None) -> Params:
+                          expected: Optional[Params] = None, *,
+                          max_bytes: Optional[int] = None) -> Params:
   """Loads a release checkpoint (`.pth` or `.npz`) as Flax params.
 
   Args:
@@ -247,22 +292,57 @@ def load_torch_checkpoint(path: str, model: Optional[nn.Module] = None,
     model: checks names and shapes against this model (its `img_size` sets
       the expected `pos_embed`).
     expected: or against these params (arrays or `ShapeDtypeStruct`s).
+    max_bytes: the most bytes reading may allocate (default: a few times
+      the file's size).
 
   Returns:
     The `params` tree, complete or not at all.
+
+  Raises:
+    ValueError: see `read_state_dict` and `torch_to_flax`.
   """
   if model is not None and expected is not None:
     raise ValueError('Give model or expected, not both.')
-  if model is not None:
-    expected = expected_params(model)
-  return torch_to_flax(read_state_dict(path), expected)
+  state = read_state_dict(path, max_bytes=max_bytes)
+  return torch_to_flax(state, model if model is not None else expected)
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file in the same folder.
+
+  Readers see the old file or the whole new one, never a truncated one,
+  whatever interrupts the write. A symlink is written through.
+  """
+  path = os.path.realpath(path)
+  folder, base = os.path.split(path)
+  while True:
+    temp = os.path.join(folder, f'.{base}.{secrets.token_hex(6)}.tmp')
+    try:  # 0o666 minus the umask, as open() would give.
+      fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+      break
+    except FileExistsError:
+      continue
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temp)
+    raise
 
 
 def save_params(path: str, params: Params) -> None:
-  """Writes params as msgpack (`flax.serialization`)."""
+  """Writes params as msgpack (`flax.serialization`), atomically.
+
+  The bytes are written to a temporary file beside `path` and renamed onto
+  it, so an interrupted save leaves the previous file (if any) intact.
+  """
   state = jax.tree.map(np.asarray, flax.core.unfreeze(params))
-  with open(path, 'wb') as f:
-    f.write(flax.serialization.msgpack_serialize(state))
+  _write_atomically(os.fspath(path), flax.serialization.msgpack_serialize(
+      state))
 
 
 def load_params(path: str, model: Optional[nn.Module] = None) -> Params:
@@ -276,7 +356,10 @@ def load_params(path: str, model: Optional[nn.Module] = None) -> Params:
   Returns:
     The `params` tree.
   """
-  if zipfile.is_zipfile(path):
+  path = os.fspath(path)
+  with open(path, 'rb') as f:
+    head = f.read(4)
+  if head.startswith(b'PK'):
     return load_torch_checkpoint(path, model)
   with open(path, 'rb') as f:
     try:
@@ -288,12 +371,29 @@ def load_params(path: str, model: Optional[nn.Module] = None) -> Params:
     raise ValueError(f'{path} holds a {type(params).__name__!r} object, not '
                      f'a Flax param tree.')
   if model is not None:
-    # Same names and checks as a torch checkpoint.
-    return torch_to_flax(flax_to_torch(params), expected_params(model))
+    return params_lib.check_params(params, model)
   return params
 
 
+def _check_output(source: str, target: str, force: bool) -> None:
+  """Refuses to write over the input, a folder or (unless forced) a file."""
+  if os.path.exists(source) and (
+      os.path.realpath(source) == os.path.realpath(target) or (
+          os.path.exists(target) and os.path.samefile(source, target))):
+    raise ValueError(f'{target} is the input file; write the params to '
+                     f'another path.')
+  if os.path.isdir(target):
+    raise IsADirectoryError(f'{target} is a folder; give a file path for '
+                            f'the params.')
+  folder = os.path.dirname(os.path.abspath(target))
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f'{folder}: no such folder for the output.')
+  if os.path.lexists(target) and not force:
+    raise FileExistsError(f'{target} exists; pass --force to overwrite it.')
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The command line; returns the exit status (0, or 1 on any bad input)."""
   parser = argparse.ArgumentParser(
       prog='python -m irpe_jax.convert',
       description='Converts a release .pth (or .npz) checkpoint to a Flax '
@@ -303,17 +403,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--model', help='registered model name to check the '
                       'checkpoint against, e.g. '
                       'deit_small_patch16_224_ctx_product_50_shared_k')
+  parser.add_argument('--force', action='store_true',
+                      help='overwrite the output file if it exists')
+  parser.add_argument('--max-bytes', type=int, default=None,
+                      help='most bytes reading may allocate (default: 4x '
+                      'the file size plus 64 MiB)')
   args = parser.parse_args(argv)
-  model = None
-  if args.model:
-    from irpe_jax import models  # pylint: disable=g-import-not-at-top
-    model = models.create_model(args.model)
   try:
-    params = load_torch_checkpoint(args.input, model)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
+    _check_output(args.input, args.output, args.force)
+    model = models.create_model(args.model) if args.model else None
+    params = load_torch_checkpoint(args.input, model,
+                                   max_bytes=args.max_bytes)
+    save_params(args.output, params)
+  except (ValueError, TypeError, OSError, MemoryError) as e:
+    message = ' '.join(line.strip() for line in str(e).splitlines())
+    print(f'error: {message or type(e).__name__}', file=sys.stderr)
     return 1
-  save_params(args.output, params)
   count = sum(np.size(x) for x in jax.tree.leaves(params))
   checked = f'checked against {args.model}' if model else 'unchecked'
   print(f'Wrote {count:,} parameters ({checked}) to {args.output}.')

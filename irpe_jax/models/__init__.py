@@ -1,4 +1,4 @@
-"""DeiT models with iRPE, their registry and the NNX bridge.
+"""DeiT models with iRPE, their registry, their params and the NNX bridge.
 
     >>> from irpe_jax import models
     >>> model = models.create_model('deit_tiny_patch16_224_ctx_product_50_shared_k')
@@ -6,6 +6,8 @@
 """
 
 from irpe_jax.models.nnx_bridge import to_nnx
+from irpe_jax.models.params import check_params
+from irpe_jax.models.params import expected_params
 from irpe_jax.models.registry import create_model
 from irpe_jax.models.registry import list_models
 from irpe_jax.models.registry import model_kwargs
@@ -15,7 +17,9 @@ from irpe_jax.models.vit import resample_posemb
 from irpe_jax.models.vit import VisionTransformer
 
 __all__ = (
+    'check_params',
     'create_model',
+    'expected_params',
     'list_models',
     'model_kwargs',
     'PRETRAINED',

@@ -6,7 +6,7 @@ under the same names, so params converted from a release checkpoint (or
 trained in Linen) load as they are:
 
     >>> model = models.create_model('deit_tiny_patch16_224_ctx_product_50_shared_k')
-    >>> params = convert.load_torch_checkpoint('ckpt.pth', model)
+    >>> params = irpe_jax.convert.load_torch_checkpoint('ckpt.pth', model)
     >>> nnx_model = models.to_nnx(model, params)
     >>> logits = nnx_model(images)                       # eval
     >>> logits = nnx_model(images, train=True)           # dropout from rngs
@@ -22,7 +22,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from irpe_jax import convert
+from irpe_jax.models import params as params_lib
 from irpe_jax.models import vit
 
 
@@ -60,8 +60,7 @@ def to_nnx(model: vit.VisionTransformer, params: Optional[Any] = None, *,
   state = nnx.state(module, nnx.Param)
   # Checked whole first (replace_by_pure_dict would leave a missing param
   # abstract): raises listing every mismatch.
-  params = convert.torch_to_flax(convert.flax_to_torch(params),
-                                 expected=nnx.to_pure_dict(state))
+  params = params_lib.check_params(params, nnx.to_pure_dict(state))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   nnx.update(module, state)
   return module

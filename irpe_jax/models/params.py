@@ -1,0 +1,117 @@
+"""The parameters a model expects, and a param tree checked against them.
+
+A model owns the names, shapes and dtypes of its parameters (as big_vision's
+`vit.load` does): `expected_params` gets them without initialising anything,
+and `check_params` compares any param tree with them on Flax paths, so that
+a tree is loaded whole or not at all. Checkpoint formats (`irpe_jax.convert`)
+only map their names onto these paths.
+"""
+
+from typing import Any, Callable, Dict, Mapping, Tuple, Union
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = Dict[str, Any]
+Path = Tuple[str, ...]
+Shape = Tuple[int, ...]
+# How a param is named in errors: (Flax path, Flax shape) -> (name, shape).
+Describe = Callable[[Path, Shape], Tuple[str, Shape]]
+
+
+def expected_params(model: nn.Module) -> Params:
+  """The params of a `VisionTransformer`, as `jax.ShapeDtypeStruct`s.
+
+  Nothing is initialised or allocated (`jax.eval_shape`).
+
+  Args:
+    model: a `VisionTransformer` (its `img_size` sets the `pos_embed` grid).
+
+  Returns:
+    The nested `params` dict, with a `ShapeDtypeStruct` per leaf.
+  """
+  size = model.img_size
+  rows, cols = (size, size) if isinstance(size, int) else size
+  images = jax.ShapeDtypeStruct((1, rows, cols, model.in_chans), jnp.float32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  return flax.core.unfreeze(variables['params'])
+
+
+def flax_name(path: Path, shape: Shape) -> Tuple[str, Shape]:
+  """Names a param by its Flax path, `blocks_0/attn/qkv/kernel`."""
+  return '/'.join(path), shape
+
+
+def _flatten(params: Any, what: str) -> Dict[Path, Any]:
+  if not isinstance(params, Mapping):
+    raise TypeError(f'{what} must be a nested mapping of params, got '
+                    f'{type(params).__name__}.')
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
+
+
+def check_params(params: Mapping[str, Any],
+                 expected: Union[nn.Module, Mapping[str, Any]], *,
+                 describe: Describe = flax_name) -> Params:
+  """Checks a param tree against a model's, and casts it to its dtypes.
+
+  Args:
+    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct`s); a
+      `{'params': ...}` wrapper is accepted too.
+    expected: a model (see `expected_params`), or the params it expects
+      (arrays or `jax.ShapeDtypeStruct`s).
+    describe: how errors name a param, `(path, shape) -> (name, shape)`;
+      by default its Flax path and shape. A converter passes the names and
+      layout of its file format.
+
+  Returns:
+    `params` with every array cast to the dtype of its expected param
+    (`ShapeDtypeStruct`s are kept), nested as `expected`.
+
+  Raises:
+    ValueError: listing every missing, unexpected and wrongly shaped param
+      (with a pointer to `resample_posemb` when only the `pos_embed` grid
+      differs), if `params` does not fit.
+  """
+  if isinstance(expected, nn.Module):
+    expected = expected_params(expected)
+  want = _flatten(expected, 'expected')
+  if (isinstance(params, Mapping) and set(params) == {'params'}
+      and not any(path[0] == 'params' for path in want)):
+    params = params['params']
+  got = _flatten(params, 'params')
+  shape = lambda x: tuple(np.shape(x))
+  name = lambda path: describe(path, shape(want.get(path, got.get(path))))[0]
+  missing = sorted(name(p) for p in want.keys() - got.keys())
+  unexpected = sorted(name(p) for p in got.keys() - want.keys())
+  wrong = []
+  for p in sorted(got.keys() & want.keys()):
+    if shape(got[p]) != shape(want[p]):
+      label, got_shape = describe(p, shape(got[p]))
+      wrong.append(f'{label}: checkpoint {got_shape}, model '
+                   f'{describe(p, shape(want[p]))[1]}')
+  wrong.sort()
+  if missing or unexpected or wrong:
+    lines = ['The params do not fit the model:']
+    for title, items in (('missing', missing), ('unexpected', unexpected),
+                         ('wrong shape', wrong)):
+      if items:
+        lines.append(f'  {title} ({len(items)}): ' + ', '.join(items))
+    old, new = got.get(('pos_embed',)), want.get(('pos_embed',))
+    if (old is not None and new is not None and shape(old) != shape(new)
+        and shape(old)[-1:] == shape(new)[-1:]):
+      lines.append('  (for another resolution, resample pos_embed with '
+                   'irpe_jax.models.resample_posemb)')
+    raise ValueError('\n'.join(lines))
+  return flax.traverse_util.unflatten_dict(
+      {p: _cast(got[p], want[p].dtype) for p in want})
+
+
+def _cast(value: Any, dtype: Any) -> Any:
+  if isinstance(value, jax.ShapeDtypeStruct):
+    return value
+  if not hasattr(value, 'dtype') or not hasattr(value, 'astype'):
+    value = np.asarray(value)
+  return value if value.dtype == dtype else value.astype(dtype)
