@@ -408,6 +408,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--max-bytes', type=int, default=None,
                       help='most bytes reading may allocate (default: 4x '
                       'the file size plus 64 MiB)')
+  def usage_error(message):  # One line, as for every other bad input.
+    print(f'error: {message} (see --help)', file=sys.stderr)
+    sys.exit(2)
+  parser.error = usage_error
   args = parser.parse_args(argv)
   try:
     _check_output(args.input, args.output, args.force)

@@ -450,6 +450,15 @@ def test_every_bad_input_is_one_line_and_a_non_zero_exit(
   assert not (tmp_path / 'PWNED').exists()
 
 
+@pytest.mark.parametrize('argv', [[], ['a.pth'], ['a', 'b', '--max-bytes', 'x'],
+                                  ['a', 'b', '--nope']])
+def test_usage_errors_are_one_line(argv, capsys):
+  with pytest.raises(SystemExit) as exit_:
+    convert.main(argv)
+  assert exit_.value.code == 2
+  one_error_line(capsys)
+
+
 def test_command_line_prints_no_traceback(tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'irpe_jax.convert', str(GOLDEN / f'{K_STEM}.npz'),

@@ -11,7 +11,9 @@ and what `torch.load` makes of them, and the files are committed:
   0-stride views, views sharing one storage, 0-d and empty tensors, dicts
   and OrderedDicts nested in each other.
 - `torch_reference_protocol4.pth`: the same object with `pickle_protocol=4`
-  (frames, MEMOIZE, SHORT_BINUNICODE).
+  (frames, MEMOIZE, SHORT_BINUNICODE); torch's own `weights_only` loader
+  refuses that protocol, `torch.load(..., weights_only=False)` reads it
+  back equal.
 - `torch_reference.npz`: `torch.load(..., weights_only=True)` of it,
   flattened: `value/PATH` is the tensor at PATH (keys joined by '/';
   bfloat16 as its uint16 bits), `dtype/PATH` the torch dtype's name and
