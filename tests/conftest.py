@@ -11,7 +11,8 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 def pytest_terminal_summary(terminalreporter, exitstatus):
   """Says whether the suite passed even under `-qq`, which hides pytest's own line."""
-  if terminalreporter.config.get_verbosity() >= -1:
+  config = terminalreporter.config
+  if config.get_verbosity() >= -1 or config.option.collectonly:
     return  # pytest prints its own summary line.
   counts = {key: len(terminalreporter.stats.get(key, ()))
             for key in ('passed', 'failed', 'error', 'skipped')}
