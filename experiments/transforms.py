@@ -85,6 +85,9 @@ def center_crop(image: Image.Image, size: int,
 
 
 def _check_range(name: str, value: Any, minimum: float) -> Tuple[float, float]:
+  """`(low, high)` with `minimum < low <= high`, or a ValueError naming it."""
+  if len(value) != 2:
+    raise ValueError(f'{name} must be (low, high), got {value!r}.')
   low, high = (_checks.check_number(f'{name}[{i}]', v, minimum=minimum,
                                     exclusive_minimum=True)
                for i, v in enumerate(value))

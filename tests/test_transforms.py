@@ -167,6 +167,14 @@ def test_random_resized_crop_falls_back_to_timms_clamped_centre_crop():
   np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
+@pytest.mark.parametrize('scale', [(0.5, 0.1), (0.0, 1.0), (0.5,),
+                                   (0.1, math.inf)])
+def test_random_resized_crop_rejects_a_bad_scale_range(scale):
+  with pytest.raises(ValueError, match='scale'):
+    transforms.random_resized_crop(random_image('RGB', (4, 4)), 2,
+                                   np.random.default_rng(0), scale=scale)
+
+
 @pytest.mark.parametrize('shape', [(1, 1, 3), (1, 9, 3), (2, 2, 1), (5, 7, 3)])
 def test_random_erasing_on_tiny_images_erases_less_than_the_whole(shape):
   rng = np.random.default_rng(0)
