@@ -9,15 +9,19 @@ ratio 1.9, 50 buckets, shared head, skip 1) this times, for every `impl` of
   `(B, H, L, L)`;
 
 and of the plain attention core `softmax(q k^T) v` at the same shapes, plus
-the compile time (lower + compile) of each. Backward passes take the
-gradients for the input and the table (for the core: q, k and v) with a
-random cotangent passed as an argument: a constant cotangent lets XLA fold
-large scatters away and flatters them.
+the compile time (lower + compile) of each. Besides the impls, the baseline
+'gather_xla' is XLA's own `take_along_axis` and its scatter-add backward
+(`segment_sum` for v), which the custom VJPs are measured against. Backward
+passes take the gradients for the input and the table (for the core: q, k
+and v) with a random cotangent passed as an argument: a constant cotangent
+lets XLA fold large scatters away and flatters them.
 
 All functions are compiled first, then timed round-robin (one call of each
 per round, `--repeats` rounds after `--warmup` rounds), so that load from
 other processes hits every entry alike; the table reports medians and the
-ratios the targets are stated in.
+ratios the targets are stated in. The targets are judged only at the
+shapes they are set for (the defaults); at other shapes (`--quick`, other
+methods) the ratios are reported without a verdict.
 
   python -m experiments.bench_rpe            # DeiT-S shapes
   python -m experiments.bench_rpe --quick    # tiny shapes, seconds
@@ -25,6 +29,7 @@ ratios the targets are stated in.
 
 import argparse
 import dataclasses
+import functools
 import os
 import platform
 import random
@@ -45,6 +50,12 @@ TARGET_K_VS_NAIVE = 0.35
 TARGET_K_VS_CORE = 0.25
 TARGET_V_VS_CORE = 0.35
 TARGET_COMPILE_S = 5.0
+# The shapes the targets are set for: DeiT-S, contextual product on keys.
+TARGET_SHAPES = dict(batch=32, heads=6, height=14, width=14, skip=1,
+                     head_dim=64, ratio=1.9, method='product',
+                     shared_head=True)
+# Not an impl: XLA's default gather and scatter-add, the baseline.
+BASELINE = 'gather_xla'
 
 
 @dataclasses.dataclass
@@ -87,11 +98,12 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _make_inputs(args: argparse.Namespace):
-  """Random inputs, tables, cotangents and the static bucket ids."""
+  """Random inputs, tables, cotangents and the static bucket geometry."""
   ratio = args.ratio
-  ids, num_buckets = buckets.get_bucket_ids_2d(
+  geometry = buckets.get_bucket_geometry(
       args.method, args.height, args.width, args.skip, ratio, 2 * ratio,
       8 * ratio)
+  num_buckets = geometry.num_buckets
   length = args.skip + args.height * args.width
   table_heads = 1 if args.shared_head else args.heads
   keys = iter(jax.random.split(jax.random.key(args.seed), 12))
@@ -105,12 +117,12 @@ def _make_inputs(args: argparse.Namespace):
   inputs = dict(q=q, k=k, v=v, attn=attn, table_k=table_k, table_v=table_v,
                 ct_square=normal(square), ct_feat=normal(feat))
   jax.block_until_ready(inputs)
-  return ids, num_buckets, inputs
+  return geometry, inputs
 
 
 def _build(args: argparse.Namespace, impls: Sequence[str]) -> Dict[str, Entry]:
   """Compiles every timed function; keys are `'{what}/{impl}/{fwd|fb}'`."""
-  ids, _, x = _make_inputs(args)
+  geometry, x = _make_inputs(args)
   entries = {}
 
   def add(name, fn, fn_args):
@@ -121,8 +133,14 @@ def _build(args: argparse.Namespace, impls: Sequence[str]) -> Dict[str, Entry]:
   add('core/-/fb', _with_vjp(attention_core),
       (x['q'], x['k'], x['v'], x['ct_feat']))
   for impl in impls:
-    rpe_k = lambda q, t, impl=impl: ops.contextual_qk_encoding(q, t, ids, impl)
-    rpe_v = lambda a, t, impl=impl: ops.contextual_v_encoding(a, t, ids, impl)
+    if impl == BASELINE:  # Private to ops: not an impl users can pick.
+      rpe_k = functools.partial(ops._xla_qk_encoding, ids=geometry)
+      rpe_v = functools.partial(ops._xla_v_encoding, ids=geometry)
+    else:
+      rpe_k = functools.partial(ops.contextual_qk_encoding, ids=geometry,
+                                impl=impl)
+      rpe_v = functools.partial(ops.contextual_v_encoding, ids=geometry,
+                                impl=impl)
     add(f'k/{impl}/fwd', rpe_k, (x['q'], x['table_k']))
     add(f'k/{impl}/fb', _with_vjp(rpe_k),
         (x['q'], x['table_k'], x['ct_square']))
@@ -180,9 +198,17 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
+def _at_target_shapes(args: argparse.Namespace) -> bool:
+  return all(getattr(args, name) == value
+             for name, value in TARGET_SHAPES.items())
+
+
 def _report(entries: Dict[str, Entry], impls: Sequence[str],
             args: argparse.Namespace) -> bool:
-  """Prints the table and the targets; returns whether all targets hold."""
+  """Prints the table and the targets; returns whether all targets hold.
+
+  Away from `TARGET_SHAPES` the targets are not judged (they hold).
+  """
   core_fwd = entries['core/-/fwd'].median_ms
   core_fb = entries['core/-/fb'].median_ms
   length = args.skip + args.height * args.width
@@ -210,7 +236,7 @@ def _report(entries: Dict[str, Entry], impls: Sequence[str],
             f'{fb.median_ms:12.2f}{fb.compile_s:11.2f}'
             f'{fb.median_ms / naive_fb:10.3f}{fb.median_ms / core_fb:9.3f}'
             f'{fwd.median_ms / core_fwd:10.3f}')
-      if impl != 'auto' and (what not in best or
+      if impl not in ('auto', BASELINE) and (what not in best or
                              fb.median_ms < best[what][1]):
         best[what] = (impl, fb.median_ms)
   k_impl, k_fb = best['k']
@@ -230,6 +256,13 @@ def _report(entries: Dict[str, Entry], impls: Sequence[str],
        slowest.compile_s < TARGET_COMPILE_S),
   ]
   print()
+  if not _at_target_shapes(args):
+    print('Targets are set for ' + ', '.join(
+        f'{k}={v}' for k, v in TARGET_SHAPES.items()) +
+          '; not judged at these shapes.')
+    for text, value, _ in checks:
+      print(f'[-] {text}: {value:.3f}')
+    return True
   for text, value, holds in checks:
     print(f'[{"HOLDS" if holds else "MISSED"}] {text}: {value:.3f}')
   return all(holds for _, _, holds in checks)
@@ -250,8 +283,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       "'cross_cols'")
   parser.add_argument('--unshared', dest='shared_head', action='store_false',
                       help='one table per head instead of a shared one')
-  parser.add_argument('--impls', default=','.join(ops.IMPLS),
-                      help='comma-separated impls; naive is always added')
+  parser.add_argument('--impls', default=','.join(ops.IMPLS + (BASELINE,)),
+                      help='comma-separated impls (and the baseline '
+                      f'{BASELINE!r}); naive is always added')
   parser.add_argument('--repeats', type=int, default=15)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--seed', type=int, default=0)
@@ -268,7 +302,8 @@ def main(argv: Sequence[str] = ()) -> int:
   args = parse_args(argv)
   impls = [i for i in args.impls.split(',') if i]
   for impl in impls:
-    ops.resolve_impl(impl)  # Fails early on a typo.
+    if impl != BASELINE:
+      ops.resolve_impl(impl)  # Fails early on a typo.
   if 'naive' not in impls:
     impls.append('naive')
   entries = _build(args, impls)
@@ -276,7 +311,7 @@ def main(argv: Sequence[str] = ()) -> int:
   _time(entries, args.warmup, args.repeats, args.seed)
   holds = _report(entries, impls, args)
   print(f'every impl agrees with naive to {worst:.1e} (relative to max)')
-  return 0 if holds or args.quick else 1
+  return 0 if holds else 1
 
 
 if __name__ == '__main__':

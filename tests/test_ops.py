@@ -1,7 +1,9 @@
 """Lookup ops: every impl equals 'naive', gather and scatter are transposes,
-and everything works under jit, grad, vmap, pmap and sharded jit."""
+the factored scatter is taken wherever the geometry is known, and everything
+works under jit, grad, vmap, pmap and sharded jit."""
 
 import functools
+import re
 
 import chex
 from hypothesis import example
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 import irpe_jax
+from irpe_jax import buckets
 from irpe_jax import ops
 
 FAST_IMPLS = tuple(i for i in irpe_jax.IMPLS if i not in ('naive', 'auto'))
@@ -23,9 +26,16 @@ B, H, D, HEIGHT, WIDTH, SKIP = 2, 2, 4, 3, 4, 1
 L = SKIP + HEIGHT * WIDTH
 
 
-def _ids(method='product', ratio=1.9, skip=SKIP, height=HEIGHT, width=WIDTH):
-  return irpe_jax.get_bucket_ids_2d(method, height, width, skip, ratio,
-                                    2 * ratio, 8 * ratio)
+def _ids(method='product', ratio=1.9, skip=SKIP, height=HEIGHT, width=WIDTH,
+         bare=False):
+  """`(ids, num_buckets)`: the geometry the modules pass, or its bare ids."""
+  geometry = buckets.get_bucket_geometry(method, height, width, skip, ratio,
+                                         2 * ratio, 8 * ratio)
+  return (geometry.ids if bare else geometry), geometry.num_buckets
+
+
+def _array(ids):
+  return ids.ids if isinstance(ids, buckets.BucketGeometry) else ids
 
 
 def _encode(impl, target, x, table, ids):
@@ -37,9 +47,9 @@ def _encode(impl, target, x, table, ids):
                                     transpose_output=target == 'q')
 
 
-def _random_case(seed, target, num_buckets, table_heads):
+def _random_case(seed, target, num_buckets, table_heads, length=L):
   kx, kt = jax.random.split(jax.random.key(seed))
-  x_shape = (B, H, L, L) if target == 'v' else (B, H, L, D)
+  x_shape = (B, H, length, length if target == 'v' else D)
   t_shape = ((table_heads, num_buckets, D) if target == 'v'
              else (table_heads, D, num_buckets))
   return jax.random.normal(kx, x_shape), jax.random.normal(kt, t_shape)
@@ -66,10 +76,11 @@ def _assert_close_to_scale(actual, desired, err_msg):
 @settings(max_examples=12, deadline=None)
 @given(method=st.sampled_from(['euc', 'quant', 'product', 'cross_rows']),
        ratio=st.sampled_from([1.0, 1.9, 3.0]), target=st.sampled_from('kqv'),
-       shared=st.booleans(), seed=st.integers(0, 2**16))
-@example(method='euc', ratio=1.0, target='v', shared=True, seed=43017)
-def test_every_impl_equals_naive(method, ratio, target, shared, seed):
-  ids, nb = _ids(method, ratio)
+       shared=st.booleans(), seed=st.integers(0, 2**16), bare=st.booleans())
+@example(method='euc', ratio=1.0, target='v', shared=True, seed=43017,
+         bare=False)
+def test_every_impl_equals_naive(method, ratio, target, shared, seed, bare):
+  ids, nb = _ids(method, ratio, bare=bare)
   x, table = _random_case(seed, target, nb, 1 if shared else H)
   cotangent = jax.random.normal(jax.random.key(seed + 1),
                                 (B, H, L, D if target == 'v' else L))
@@ -87,7 +98,7 @@ def test_every_impl_equals_naive(method, ratio, target, shared, seed):
 def test_bias_impls_agree(impl, transpose):
   ids, nb = _ids()
   table = jax.random.normal(jax.random.key(0), (H, nb))
-  ref = jnp.asarray(np.asarray(table)[:, ids][None])
+  ref = jnp.asarray(np.asarray(table)[:, ids.ids][None])
   if transpose:
     ref = jnp.swapaxes(ref, -1, -2)
   encode = functools.partial(ops.bias_encoding, ids=ids, impl=impl,
@@ -95,15 +106,16 @@ def test_bias_impls_agree(impl, transpose):
   chex.assert_trees_all_close(encode(table), ref)
   grad = jax.grad(lambda t: jnp.sum(encode(t) ** 2))(table)
   expected = np.zeros((H, nb), np.float32)
-  np.add.at(expected, (slice(None), ids.T if transpose else ids),
+  np.add.at(expected, (slice(None), ids.ids.T if transpose else ids.ids),
             2 * np.asarray(ref[0]))
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('bare', [False, True])
 @pytest.mark.parametrize('transpose', [False, True])
 @pytest.mark.parametrize('impl', irpe_jax.IMPLS)
-def test_gather_and_scatter_are_transposes(impl, transpose):
-  ids, nb = _ids()
+def test_gather_and_scatter_are_transposes(impl, transpose, bare):
+  ids, nb = _ids(bare=bare)
   z = jax.random.normal(jax.random.key(1), (B, H, L, nb))
   a = jax.random.normal(jax.random.key(2), (B, H, L, L))
   gather = functools.partial(ops.bucket_gather, ids=ids, num_buckets=nb,
@@ -112,7 +124,7 @@ def test_gather_and_scatter_are_transposes(impl, transpose):
                               transpose=transpose)
   gathered = gather(z)
   expected = np.take_along_axis(np.asarray(z), np.broadcast_to(
-      ids, (B, H, L, L)), axis=-1)
+      _array(ids), (B, H, L, L)), axis=-1)
   np.testing.assert_array_equal(
       gathered, np.swapaxes(expected, -1, -2) if transpose else expected)
   # <gather(z), a> == <z, scatter(a)>, and the VJP of one is the other.
@@ -126,7 +138,7 @@ def test_gather_and_scatter_are_transposes(impl, transpose):
 
 
 @pytest.mark.parametrize('target', 'kq')
-@pytest.mark.parametrize('impl', ['factored', 'gather', 'onehot'])
+@pytest.mark.parametrize('impl', ['factored', 'onehot'])
 def test_second_order_gradients(impl, target):
   ids, nb = _ids()
   x, table = _random_case(0, target, nb, 1)
@@ -166,7 +178,7 @@ def test_bfloat16_runs_finite(impl, target):
 
 
 # The impls with custom VJPs, whose rules must survive every transformation.
-CUSTOM_VJP_IMPLS = ('gather', 'factored')
+CUSTOM_VJP_IMPLS = ('factored',)
 
 
 class TransformsTest(chex.TestCase):
@@ -265,7 +277,8 @@ def test_auto_resolves_per_backend():
        grid=st.tuples(st.integers(1, 6), st.integers(1, 6)),
        skip=st.integers(0, 2), seed=st.integers(0, 2**16))
 def test_scatter_matches_numpy_on_any_grid(method, ratio, grid, skip, seed):
-  ids, nb = _ids(method, ratio, skip, *grid)
+  geometry, nb = _ids(method, ratio, skip, *grid)
+  ids = geometry.ids
   a = np.asarray(jax.random.normal(jax.random.key(seed), (2,) + ids.shape))
   expected = np.zeros((2, ids.shape[0], nb), np.float32)
   for i in range(ids.shape[0]):
@@ -273,7 +286,84 @@ def test_scatter_matches_numpy_on_any_grid(method, ratio, grid, skip, seed):
   # The transposed scatter reads a[.., i, j] as the pair (j, i).
   a_swapped = np.ascontiguousarray(np.swapaxes(a, -1, -2))
   for impl in FAST_IMPLS:
-    for transpose, values in ((False, a), (True, a_swapped)):
-      np.testing.assert_allclose(
-          ops.bucket_scatter(jnp.asarray(values), ids, nb, impl, transpose),
-          expected, rtol=1e-5, atol=1e-5, err_msg=f'{impl} {transpose}')
+    for given_ids in (geometry, ids):
+      for transpose, values in ((False, a), (True, a_swapped)):
+        np.testing.assert_allclose(
+            ops.bucket_scatter(jnp.asarray(values), given_ids, nb, impl,
+                               transpose),
+            expected, rtol=1e-5, atol=1e-5, err_msg=f'{impl} {transpose}')
+
+
+def _lowered_text(impl, target, ids, nb):
+  """StableHLO of the encoding and its gradients for input and table."""
+  x, table = _random_case(0, target, nb, 1, _array(ids).shape[0])
+  fn = functools.partial(_encode, impl, target, ids=ids)
+  return jax.jit(lambda x, t: jax.vjp(fn, x, t)[1](fn(x, t))).lower(
+      x, table).as_text()
+
+
+def _has_tensor(text, *dims):
+  """Whether `text` holds a tensor whose shape ends in `dims`."""
+  return re.search(r'tensor<([0-9]+x)*' + 'x'.join(map(str, dims)) + r'x[a-z]',
+                   text) is not None
+
+
+@pytest.mark.parametrize('skip', [0, 1])
+@pytest.mark.parametrize('target', 'qkv')
+@pytest.mark.parametrize('method', buckets.TABLE_METHODS)
+def test_factored_scatter_is_taken_for_every_method(method, target, skip):
+  geometry, nb = _ids(method, skip=skip)
+  length, width = geometry.length, geometry.width
+  n_rows = geometry.num_row_classes
+  # The first factored pass sums into (.., L, nA, w), or transposed (rpe_q's
+  # backward) (.., nA, w, L): found where the geometry is given ...
+  row_sums = (n_rows, width, length) if target == 'q' else (length, n_rows,
+                                                             width)
+  text = _lowered_text('factored', target, geometry, nb)
+  assert _has_tensor(text, *row_sums)
+  assert not _has_tensor(text, length, length, nb)
+  # ... and the (L, L, nb) one-hot contraction where only bare ids are.
+  text = _lowered_text('factored', target, geometry.ids, nb)
+  assert _has_tensor(text, length, length, nb)
+  assert not _has_tensor(text, *row_sums)
+
+
+@pytest.mark.parametrize('method', ['product', 'cross'])
+def test_modules_pass_the_geometry(method):
+  config = irpe_jax.get_single_rpe_config(method=method, skip=1)
+  half = 'cross_rows' if method == 'cross' else method
+  nb = config.num_buckets
+  for target in 'qkv':
+    x, table = _random_case(0, target, nb, 1)
+
+    def encode(x, table, target=target):
+      return irpe_jax.rpe_lookup(
+          x, table, config=config, method=half, for_qk=target != 'v',
+          height=HEIGHT, width=WIDTH, impl='factored',
+          x_tokens_last=target == 'q')
+
+    text = jax.jit(lambda x, t, f=encode: jax.vjp(f, x, t)[1](f(x, t))).lower(
+        x, table).as_text()
+    assert not _has_tensor(text, L, L, nb), target
+
+
+def test_geometry_and_bare_ids_are_checked():
+  geometry, nb = _ids()
+  z = jnp.zeros((B, H, L, nb))
+  with pytest.raises(ValueError, match='num_buckets=7, but the geometry has '
+                     '50 buckets'):
+    ops.bucket_gather(z, geometry, 7)
+  with pytest.raises(ValueError, match='num_buckets is needed with bare ids'):
+    ops.bucket_gather(z, geometry.ids)
+  with pytest.raises(ValueError, match=r'ids must be a BucketGeometry or '
+                     r'square \(L, L\) integer bucket ids'):
+    ops.bucket_scatter(jnp.zeros((B, H, L, L)), geometry.ids[:3], nb)
+  with pytest.raises(ValueError, match=r'z must have shape \(\.\.\., 13, 50\)'):
+    ops.bucket_gather(z[..., :-1], geometry)
+  assert ops.bucket_gather(z, geometry).shape == (B, H, L, L)
+
+
+def test_gather_xla_is_not_a_public_impl():
+  assert 'gather_xla' not in irpe_jax.IMPLS
+  with pytest.raises(ValueError, match="Unknown impl 'gather_xla'"):
+    ops.resolve_impl('gather_xla')
