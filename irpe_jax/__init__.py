@@ -2,12 +2,15 @@
 
 A JAX/Flax implementation of "Rethinking and Improving Relative Position
 Encoding for Vision Transformer" (Wu et al., ICCV 2021), bit-exact with the
-original PyTorch release. Linen modules live here; NNX twins in
-`irpe_jax.nnx`.
+original PyTorch release. The Linen modules are exported here; their NNX
+peers are in `irpe_jax.nnx`.
+
+Layers, each importing only those before it: `buckets` (bucket ids, numpy)
+-> `ops` (lookups on arrays) -> `config`, `core`, `tables`, `attention`
+(framework-free) -> `linen` | `nnx` -> `models` -> `convert`.
 """
 
 from irpe_jax.attention import attention_with_rpe
-from irpe_jax.attention import IRPEAttention
 from irpe_jax.buckets import clip_index
 from irpe_jax.buckets import get_bucket_ids_2d
 from irpe_jax.buckets import piecewise_index
@@ -20,6 +23,7 @@ from irpe_jax.core import rpe_lookup
 from irpe_jax.initializers import torch_xavier_uniform
 from irpe_jax.linen import build_rpe
 from irpe_jax.linen import IRPE
+from irpe_jax.linen import IRPEAttention
 from irpe_jax.linen import IRPECross
 from irpe_jax.ops import bucket_gather
 from irpe_jax.ops import bucket_scatter

@@ -1,20 +1,20 @@
-"""Multi-head self-attention with iRPE on q, k and/or v (SPEC section 5).
+"""Multi-head self-attention with iRPE on q, k and/or v, as pure functions.
 
-`attention_with_rpe` is the functional core, shared by the Linen
-`IRPEAttention` here and its NNX twin in `irpe_jax.nnx`.
+`attention_with_rpe` is the release's `RPEAttention.forward` (its
+`rpe_vision_transformer.py`) on per-head arrays, framework-free: the Linen
+and NNX `IRPEAttention` modules both call it with their projections, iRPE
+modules, dropout and a hook that records the attention weights.
 """
 
-from typing import Any, Callable, Optional
+from typing import Callable, Optional, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from irpe_jax import config as config_lib
-from irpe_jax import linen as rpe_linen
+from irpe_jax import _checks
 
-# (x, height, width) -> encoding, as the IRPE modules are called; rpe_q is
-# also passed `transpose_output=True` and `scale` (see `attention_with_rpe`).
+# `(x, height, width) -> encoding`, as the IRPE modules are called; rpe_q is
+# also passed `x_tokens_last=True` and `scale` (see `attention_with_rpe`).
 RPEFn = Callable[..., jax.Array]
 
 
@@ -67,9 +67,10 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     v: `(B, H, L, D)` values.
     scale: query scale, usually `D ** -0.5`.
     rpe_q: encoding of the scaled keys, added transposed to the logits;
-      called as `rpe_q(k, height, width, transpose_output=True, scale=scale)`
-      so that the lookup returns the encoding of `k * scale` transposed (as
-      the IRPE modules do) without a pass over k or over `(B, H, L, L)`.
+      called as `rpe_q(k, height, width, x_tokens_last=True, scale=scale)`
+      so that the lookup returns the encoding of `k * scale` with the keys
+      on the last axis (as the IRPE modules do), without a pass over k or
+      over `(B, H, L, L)`.
     rpe_k: encoding of queries, added to the logits.
     rpe_v: encoding of the attention weights, added to the output.
     mask: boolean, broadcastable to `(B, H, L, L)`, True = attend; applied
@@ -97,7 +98,7 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     # The release encodes `k * scale`; with `scale=` the lookup scales its
     # table instead, so no scaled copy of k is made or kept for the backward
     # pass (DeiT-S iRPE-QKV training step: peak memory 2251 -> 2196 MiB).
-    encodings.append(rpe_q(k, height, width, transpose_output=True,
+    encodings.append(rpe_q(k, height, width, x_tokens_last=True,
                            scale=scale))
   if encodings:
     # Summed before they meet the logits: XLA then fuses both gathers into
@@ -117,8 +118,15 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
   return out
 
 
-def check_inputs(inputs_q, inputs_k, inputs_v, num_heads):
-  """Checks shapes; returns `(inputs_k, inputs_v, head_dim)`."""
+def check_inputs(inputs_q: jax.Array, inputs_k: Optional[jax.Array],
+                 inputs_v: Optional[jax.Array], num_heads: int
+                 ) -> Tuple[jax.Array, jax.Array, int]:
+  """Checks the `(B, N, C)` inputs of self-attention; k and v default to q.
+
+  Returns:
+    `(inputs_k, inputs_v, head_dim)`.
+  """
+  num_heads = _checks.check_int('num_heads', num_heads, 1)
   inputs_k = inputs_q if inputs_k is None else inputs_k
   inputs_v = inputs_k if inputs_v is None else inputs_v
   for name, x in (('inputs_q', inputs_q), ('inputs_k', inputs_k),
@@ -137,9 +145,12 @@ def check_inputs(inputs_q, inputs_k, inputs_v, num_heads):
   return inputs_k, inputs_v, features // num_heads
 
 
-def split_qkv(kernel, bias, inputs_q, inputs_k, inputs_v, num_heads, dtype):
+def split_qkv(kernel: jax.Array, bias: Optional[jax.Array],
+              inputs_q: jax.Array, inputs_k: jax.Array, inputs_v: jax.Array,
+              num_heads: int, dtype) -> Tuple[jax.Array, jax.Array, jax.Array]:
   """Projects to per-head `(B, H, N, D)` q, k, v with one `(C, 3C)` kernel.
 
+  The kernel is the release's `qkv` Linear (`weight.T`), q's third first.
   Self-attention takes one matmul; distinct inputs (DETR's q = k = src + pos,
   v = src) use the matching third of the kernel each.
   """
@@ -167,112 +178,7 @@ def split_qkv(kernel, bias, inputs_q, inputs_k, inputs_v, num_heads, dtype):
   return tuple(jnp.swapaxes(t, 1, 2) for t in (q, k, v))
 
 
-class QKVProjection(nn.Module):
-  """The release's `qkv` Linear: `kernel (C, 3C)` (= torch weight.T), `bias`."""
-  num_heads: int
-  use_bias: bool = True
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, inputs_q, inputs_k, inputs_v):
-    features = inputs_q.shape[-1]
-    kernel = self.param('kernel', self.kernel_init, (features, 3 * features),
-                        self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (3 * features,),
-                       self.param_dtype) if self.use_bias else None)
-    dtype = self.dtype or jnp.result_type(inputs_q, kernel)
-    return split_qkv(kernel, bias, inputs_q, inputs_k, inputs_v,
-                     self.num_heads, dtype)
-
-
-class IRPEAttention(nn.Module):
-  """Multi-head self-attention with iRPE, as RPEAttention of the release.
-
-  Example:
-    >>> cfg = irpe_jax.get_rpe_config(ratio=1.9, method='product',
-    ...                               mode='ctx', shared_head=True, skip=1)
-    >>> attn = irpe_jax.IRPEAttention(num_heads=6, rpe_config=cfg)
-    >>> y = attn.apply(params, x)  # x: (B, 1 + 14 * 14, 384)
-
-  Attributes:
-    num_heads: attention heads; the feature size must divide by it.
-    rpe_config: an `RPEConfig` from `get_rpe_config`, or None (plain MHSA).
-    qkv_bias: bias in the qkv projection.
-    qk_scale: query scale; default `head_dim ** -0.5`.
-    dropout_rate: dropout on the attention weights.
-    proj_dropout_rate: dropout after the output projection.
-    dtype: computation dtype (softmax stays float32).
-    param_dtype: parameter dtype.
-    kernel_init: initializer of the qkv and proj kernels.
-    bias_init: initializer of their biases.
-    impl: iRPE lookup implementation, see `irpe_jax.ops`.
-    table_init: initializer of the iRPE tables; zeros as in the release.
-  """
-  num_heads: int
-  rpe_config: Optional[config_lib.RPEConfig] = None
-  qkv_bias: bool = True
-  qk_scale: Optional[float] = None
-  dropout_rate: float = 0.0
-  proj_dropout_rate: float = 0.0
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-  impl: str = 'auto'
-  table_init: Any = nn.initializers.zeros_init()
-
-  @nn.compact
-  def __call__(self, inputs_q: jax.Array, inputs_k: Optional[jax.Array] = None,
-               inputs_v: Optional[jax.Array] = None, *,
-               height: Optional[int] = None, width: Optional[int] = None,
-               mask: Optional[jax.Array] = None,
-               deterministic: bool = True) -> jax.Array:
-    """Attends over `(B, N, C)` inputs; k and v default to q.
-
-    Args:
-      inputs_q: `(B, N, C)` queries' input.
-      inputs_k: `(B, N, C)` keys' input; default `inputs_q`.
-      inputs_v: `(B, N, C)` values' input; default `inputs_k`.
-      height: rows of the token grid (static); default `floor(sqrt(N))`.
-      width: columns of the token grid (static).
-      mask: boolean, broadcastable to `(B, H, N, N)`, True = attend.
-      deterministic: disables dropout when True.
-
-    Returns:
-      `(B, N, C)`. The attention weights `(B, H, N, N)` are sown as
-      `intermediates/attention_weights` (apply with
-      `mutable=['intermediates']` to read them).
-    """
-    inputs_k, inputs_v, head_dim = check_inputs(inputs_q, inputs_k, inputs_v,
-                                                self.num_heads)
-    batch, length, features = inputs_q.shape
-    check_mask(mask, batch, self.num_heads, length)
-    q, k, v = QKVProjection(
-        self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
-        self.kernel_init, self.bias_init, name='qkv')(inputs_q, inputs_k,
-                                                       inputs_v)
-    rpe_kwargs = dict(impl=self.impl, table_init=self.table_init,
-                      dtype=self.dtype, param_dtype=self.param_dtype)
-    cfg = self.rpe_config or config_lib.RPEConfig()
-    rpes = {
-        name: rpe_linen.build_single_rpe(getattr(cfg, name), name != 'rpe_v',
-                                         head_dim, self.num_heads, name=name,
-                                         **rpe_kwargs)
-        for name in ('rpe_q', 'rpe_k', 'rpe_v')}
-    dropout = None
-    if self.dropout_rate > 0 and not deterministic:
-      dropout = nn.Dropout(self.dropout_rate, deterministic=False)
-    out = attention_with_rpe(
-        q, k, v, scale=self.qk_scale or head_dim ** -0.5, mask=mask,
-        dropout=dropout, height=height, width=width,
-        weights_hook=lambda w: self.sow('intermediates', 'attention_weights',
-                                        w),
-        **rpes)
-    out = jnp.swapaxes(out, 1, 2).reshape(batch, length, features)
-    out = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
-                   kernel_init=self.kernel_init, bias_init=self.bias_init,
-                   name='proj')(out)
-    return nn.Dropout(self.proj_dropout_rate)(out, deterministic=deterministic)
+def merge_heads(out: jax.Array) -> jax.Array:
+  """`(B, H, N, D)` -> `(B, N, H * D)`, the layout of the output projection."""
+  batch, num_heads, length, head_dim = out.shape
+  return jnp.swapaxes(out, 1, 2).reshape(batch, length, num_heads * head_dim)

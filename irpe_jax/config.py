@@ -1,20 +1,29 @@
 """iRPE configurations: which encodings go on q, k and v, and their buckets.
 
-Mirrors `get_rpe_config` / `get_single_rpe_config` of the release, with frozen
-(hashable) dataclasses instead of mutable dicts so that configs can be fields
-of Flax modules and keys of caches.
+Mirrors `get_rpe_config` / `get_single_rpe_config` of the release (its
+`irpe.py`), with frozen (hashable) dataclasses instead of mutable dicts so
+that configs can be fields of Flax modules and keys of caches.
 """
 
 import dataclasses
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
+from irpe_jax import _checks
 from irpe_jax import buckets
 
 MODES = ('bias', 'contextual')
 _MODE_ALIASES = {'bias': 'bias', 'contextual': 'contextual', 'ctx': 'contextual'}
-# The release's integer METHOD ids, accepted for compatibility.
-_METHOD_IDS = {0: buckets.EUCLIDEAN, 1: buckets.QUANT, 3: buckets.PRODUCT,
-               4: buckets.CROSS, 41: buckets.CROSS_ROWS, 42: buckets.CROSS_COLS}
+INDEX_FNS = ('piecewise', 'clip')
+# The ratio the release uses with each method (its DeiT models, and the
+# paper's Table 1).
+METHOD_RATIOS = {buckets.EUCLIDEAN: 20, buckets.QUANT: 33, buckets.CROSS: 20,
+                 buckets.PRODUCT: 1.9}
+# Most buckets one table may have, the skip bucket included. The largest
+# table of the paper has 133 (quant, ratio 33); a product table grows with
+# ratio squared, and ratio 1e4 would ask for 1.6e9 buckets (gigabytes per
+# feature of the head). 2**18 admits product ratios below 128 (511 x 511
+# offsets, exact within 127 patches) and the other methods' below 65536.
+MAX_BUCKETS = 2 ** 18
 
 
 def canonical_mode(mode: str) -> str:
@@ -26,14 +35,31 @@ def canonical_mode(mode: str) -> str:
   return name
 
 
-def canonical_method(method: Union[str, int]) -> str:
-  """Maps a method name, alias or release METHOD id to its canonical name."""
-  if isinstance(method, int) and not isinstance(method, bool):
-    if method not in _METHOD_IDS:
-      raise ValueError(f'Unknown method id {method}; expected one of '
-                       f'{sorted(_METHOD_IDS)}.')
-    return _METHOD_IDS[method]
-  return buckets.canonical_method(method)
+def piecewise_params(ratio: float) -> Tuple[float, float, float]:
+  """`(alpha, beta, gamma) = (ratio, 2 ratio, 8 ratio)`, as the release sets.
+
+  Args:
+    ratio: a finite number > 0 (a numpy scalar too).
+
+  Returns:
+    The parameters of the piecewise index function, as Python floats.
+  """
+  ratio = _checks.check_number('ratio', ratio, minimum=0,
+                               exclusive_minimum=True)
+  return 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
+
+
+def _max_ratio(method: str) -> float:
+  """Ratios of `method` below this give at most `MAX_BUCKETS` buckets.
+
+  A table has `side = 2 * int(2 * ratio) + 1` buckets per axis (`side ** 2`
+  for product), plus one skip bucket.
+  """
+  side = MAX_BUCKETS - 1
+  if method == buckets.PRODUCT:
+    side = int((MAX_BUCKETS - 1) ** 0.5)
+  max_beta = (side - 1) // 2
+  return (max_beta + 1) / 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +105,11 @@ def get_single_rpe_config(ratio: float = 1.9,
   """The config of one iRPE, as `get_single_rpe_config` of the release.
 
   Args:
-    ratio: sets `alpha = ratio, beta = 2 ratio, gamma = 8 ratio`; > 0.
+    ratio: sets `alpha = ratio, beta = 2 ratio, gamma = 8 ratio`; finite,
+      > 0, and small enough for at most `MAX_BUCKETS` buckets per table
+      (product: ratio < 128; the other methods: ratio < 65536).
     method: 'euc' | 'euclidean', 'quant' | 'quantization', 'cross' or
-      'product'.
+      'product', or the release's METHOD id (0, 1, 4, 3).
     mode: 'bias', 'contextual' or 'ctx'.
     shared_head: share one table across heads.
     skip: number of leading non-spatial tokens (>= 0); any `skip > 0` adds one
@@ -91,29 +119,29 @@ def get_single_rpe_config(ratio: float = 1.9,
   Returns:
     A frozen `SingleRPEConfig`.
   """
-  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-    raise TypeError(f'ratio must be a number, got {ratio!r}.')
-  if not ratio > 0:
-    raise ValueError(f'ratio must be > 0, got {ratio}.')
-  if isinstance(skip, bool) or not isinstance(skip, int):
-    raise TypeError(f'skip must be an int, got {skip!r}.')
-  if skip < 0:
-    raise ValueError(f'skip must be >= 0, got {skip}.')
-  if index_fn not in ('piecewise', 'clip'):
-    raise ValueError(f"index_fn must be 'piecewise' or 'clip', got "
+  alpha, beta, gamma = piecewise_params(ratio)
+  skip = _checks.check_int('skip', skip, 0)
+  if index_fn not in INDEX_FNS:
+    raise ValueError(f'index_fn must be one of {INDEX_FNS}, got '
                      f'{index_fn!r}.')
-  method = canonical_method(method)
+  method = buckets.canonical_method(method)
   if method in (buckets.CROSS_ROWS, buckets.CROSS_COLS):
     raise ValueError(f"method {method!r} is half of 'cross'; configure "
                      "method='cross' instead.")
-  alpha, beta, gamma = 1.0 * ratio, 2.0 * ratio, 8.0 * ratio
-  num_buckets = buckets.num_buckets_without_skip(
-      buckets.CROSS_ROWS if method == buckets.CROSS else method, beta)
+  table_method = buckets.CROSS_ROWS if method == buckets.CROSS else method
+  # Counted from beta directly: the bucket count of a huge ratio is a
+  # Python int, never allocated.
+  num_buckets = buckets.num_buckets_without_skip(table_method, beta) + (
+      1 if skip > 0 else 0)
+  if num_buckets > MAX_BUCKETS:
+    raise ValueError(
+        f'ratio={alpha:g} gives {method} tables of {num_buckets} buckets, more '
+        f'than MAX_BUCKETS={MAX_BUCKETS}; ratio must be < '
+        f'{_max_ratio(method):g} for method {method!r}.')
   return SingleRPEConfig(
       shared_head=bool(shared_head), mode=canonical_mode(mode), method=method,
-      alpha=alpha, beta=beta, gamma=gamma,
-      num_buckets=num_buckets + (1 if skip > 0 else 0), skip=skip,
-      index_fn=index_fn)
+      alpha=alpha, beta=beta, gamma=gamma, num_buckets=num_buckets,
+      skip=skip, index_fn=index_fn)
 
 
 def get_rpe_config(ratio: float = 1.9,

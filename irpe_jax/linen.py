@@ -1,9 +1,9 @@
-"""Flax Linen modules holding iRPE lookup tables.
+"""Flax Linen modules: the iRPE tables and self-attention with iRPE.
 
-The parameter names and layouts are the release's, so converted PyTorch
-weights drop in: `lookup_table_bias (Ht, nb)`, `lookup_table_weight
-(Ht, D, nb)` on q/k and `(Ht, nb, D)` on v; `IRPECross` nests them under
-`rp_rows` and `rp_cols`.
+The modules hold parameters under the release's names and layouts (see
+`irpe_jax.tables`), so converted PyTorch weights drop in, and compute with
+the framework-free core (`irpe_jax.core`, `irpe_jax.attention`) that the NNX
+modules in `irpe_jax.nnx` share.
 """
 
 from typing import Any, Optional, Tuple
@@ -12,32 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from irpe_jax import buckets
+from irpe_jax import attention as attention_lib
 from irpe_jax import config as config_lib
 from irpe_jax import core
-from irpe_jax import ops
+from irpe_jax import tables
 
 Initializer = jax.nn.initializers.Initializer
-
-
-def resolve_fields(head_dim, num_heads, mode, method, transposed, num_buckets,
-                   rpe_config, impl):
-  """Validated `(mode, method, num_buckets)`, defaults taken from the config."""
-  if not isinstance(rpe_config, config_lib.SingleRPEConfig):
-    raise TypeError('rpe_config must be a SingleRPEConfig (see '
-                    f'get_single_rpe_config), got {rpe_config!r}.')
-  for name, value in (('head_dim', head_dim), ('num_heads', num_heads)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f'{name} must be a positive int, got {value!r}.')
-  mode = config_lib.canonical_mode(rpe_config.mode if mode is None else mode)
-  method = config_lib.canonical_method(
-      rpe_config.method if method is None else method)
-  if mode == 'bias' and not transposed:
-    raise ValueError("mode='bias' does not exist on v (transposed=False).")
-  ops.resolve_impl(impl)
-  if num_buckets is None:
-    num_buckets = rpe_config.num_buckets
-  return mode, method, num_buckets
 
 
 class _TableModule(nn.Module):
@@ -46,7 +26,7 @@ class _TableModule(nn.Module):
   num_heads: int = 1
   mode: Optional[str] = None
   method: Optional[str] = None
-  transposed: bool = True
+  for_qk: bool = True
   num_buckets: Optional[int] = None
   rpe_config: Optional[config_lib.SingleRPEConfig] = None
   impl: str = 'auto'
@@ -54,14 +34,21 @@ class _TableModule(nn.Module):
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
-  def resolved_fields(self):
-    return resolve_fields(self.head_dim, self.num_heads, self.mode,
-                          self.method, self.transposed, self.num_buckets,
-                          self.rpe_config, self.impl)
+  def _spec(self, cross: bool) -> tables.TableSpec:
+    return tables.resolve_table(
+        self.rpe_config, head_dim=self.head_dim, num_heads=self.num_heads,
+        mode=self.mode, method=self.method, for_qk=self.for_qk,
+        num_buckets=self.num_buckets, impl=self.impl, cross=cross)
 
 
 class IRPE(_TableModule):
   """One iRPE lookup table, as `iRPE` of the release.
+
+  Example:
+    >>> cfg = irpe_jax.get_single_rpe_config(skip=1)
+    >>> rpe_k = irpe_jax.IRPE(head_dim=64, rpe_config=cfg)
+    >>> e = rpe_k.apply(variables, q)  # q: (B, H, 1 + 14 * 14, 64)
+    >>> e.shape  # (B, H, 197, 197), added to the attention logits
 
   Attributes:
     head_dim: `D`, features per head.
@@ -69,8 +56,9 @@ class IRPE(_TableModule):
     mode: 'bias' or 'contextual'; default `rpe_config.mode`.
     method: 'euc', 'quant', 'product', 'cross_rows' or 'cross_cols'; default
       `rpe_config.method` (use `IRPECross` for 'cross').
-    transposed: True for q/k (input `(B, H, L, D)`), False for v (input
-      attention weights `(B, H, L, L)`).
+    for_qk: True for a table on q or k (input `(B, H, L, D)`), False for one
+      on v (input the attention weights `(B, H, L, L)`). The release calls
+      it `transposed`.
     num_buckets: default `rpe_config.num_buckets`.
     rpe_config: a `SingleRPEConfig` (alpha, beta, gamma, index function).
     impl: how lookups are computed, see `irpe_jax.ops`.
@@ -81,22 +69,18 @@ class IRPE(_TableModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None, *,
-               transpose_output: bool = False,
+               width: Optional[int] = None, *, x_tokens_last: bool = False,
                scale: Optional[float] = None) -> jax.Array:
     """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`."""
-    mode, method, num_buckets = self.resolved_fields()
-    if method == buckets.CROSS:
-      raise ValueError("method='cross' holds two tables: use IRPECross.")
-    name, shape = ops.table_shape(mode, self.transposed, self.num_heads,
-                                  self.head_dim, num_buckets)
-    table = self.param(name, self.table_init, shape, self.param_dtype)
+    spec = self._spec(cross=False)
+    table = self.param(spec.param_name, self.table_init, spec.shape,
+                       self.param_dtype)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     return core.rpe_lookup(
-        x, table, config=self.rpe_config, method=method,
-        transposed=self.transposed, height=height, width=width,
-        impl=self.impl, transpose_output=transpose_output, scale=scale)
+        x, table, config=self.rpe_config, method=spec.method,
+        for_qk=spec.for_qk, mode=spec.mode, height=height, width=width,
+        impl=self.impl, x_tokens_last=x_tokens_last, scale=scale)
 
 
 class IRPECross(_TableModule):
@@ -107,45 +91,34 @@ class IRPECross(_TableModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None, *,
-               transpose_output: bool = False,
+               width: Optional[int] = None, *, x_tokens_last: bool = False,
                scale: Optional[float] = None) -> jax.Array:
-    mode, method, num_buckets = self.resolved_fields()
-    if method != buckets.CROSS:
-      raise ValueError(f"IRPECross needs method='cross', got {method!r}.")
+    """Encodes `x` (times `scale`) with both tables; see `IRPE`."""
+    spec = self._spec(cross=True)
     out = 0
-    for half in (buckets.CROSS_ROWS, buckets.CROSS_COLS):
+    for name, method in tables.CROSS_HALVES:
       out = out + IRPE(
-          head_dim=self.head_dim, num_heads=self.num_heads, mode=mode,
-          method=half, transposed=self.transposed, num_buckets=num_buckets,
+          head_dim=spec.head_dim, num_heads=spec.num_heads, mode=spec.mode,
+          method=method, for_qk=spec.for_qk, num_buckets=spec.num_buckets,
           rpe_config=self.rpe_config, impl=self.impl,
           table_init=self.table_init, dtype=self.dtype,
-          param_dtype=self.param_dtype, name='rp_' + half[len('cross_'):],
-      )(x, height, width, transpose_output=transpose_output, scale=scale)
+          param_dtype=self.param_dtype, name=name,
+      )(x, height, width, x_tokens_last=x_tokens_last, scale=scale)
     return out
 
 
 def build_single_rpe(rpe_config: Optional[config_lib.SingleRPEConfig],
-                     transposed: bool, head_dim: int, num_heads: int,
-                     classes: Tuple[type, type] = (IRPE, IRPECross),
-                     **kwargs) -> Optional[Any]:
-  """The module for one of q/k/v, or None where the config is None.
-
-  `classes` are the (single table, cross) module classes: Linen's by default,
-  `irpe_jax.nnx` passes its own.
-  """
-  if rpe_config is None:
-    return None
-  cls = classes[1] if rpe_config.method == buckets.CROSS else classes[0]
-  return cls(head_dim=head_dim,
-             num_heads=1 if rpe_config.shared_head else num_heads,
-             transposed=transposed, rpe_config=rpe_config, **kwargs)
+                     for_qk: bool, head_dim: int, num_heads: int,
+                     **kwargs: Any) -> Optional[_TableModule]:
+  """The module for one of q/k/v (`IRPE` or `IRPECross`), or None."""
+  return tables.build_single(rpe_config, for_qk, head_dim, num_heads,
+                             (IRPE, IRPECross), **kwargs)
 
 
 def build_rpe(config: Optional[config_lib.RPEConfig], head_dim: int,
-              num_heads: int, **kwargs
-              ) -> Tuple[Optional[nn.Module], Optional[nn.Module],
-                         Optional[nn.Module]]:
+              num_heads: int, **kwargs: Any
+              ) -> Tuple[Optional[_TableModule], Optional[_TableModule],
+                         Optional[_TableModule]]:
   """`(rpe_q, rpe_k, rpe_v)` modules of a config, as `build_rpe` of the release.
 
   Args:
@@ -157,11 +130,117 @@ def build_rpe(config: Optional[config_lib.RPEConfig], head_dim: int,
   Returns:
     Three modules or None each.
   """
-  if config is None:
-    return None, None, None
-  if not isinstance(config, config_lib.RPEConfig):
-    raise TypeError(f'config must be an RPEConfig (see get_rpe_config), got '
-                    f'{config!r}.')
-  return (build_single_rpe(config.rpe_q, True, head_dim, num_heads, **kwargs),
-          build_single_rpe(config.rpe_k, True, head_dim, num_heads, **kwargs),
-          build_single_rpe(config.rpe_v, False, head_dim, num_heads, **kwargs))
+  return tables.build_all(config, head_dim, num_heads, (IRPE, IRPECross),
+                          **kwargs)
+
+
+class QKVProjection(nn.Module):
+  """The release's `qkv` Linear: `kernel (C, 3C)` (= torch weight.T), `bias`.
+
+  Returns per-head `(B, H, N, D)` q, k and v; see
+  `irpe_jax.attention.split_qkv`.
+  """
+  num_heads: int
+  use_bias: bool = True
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array,
+               inputs_v: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
+    features = inputs_q.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (features, 3 * features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (3 * features,),
+                       self.param_dtype) if self.use_bias else None)
+    dtype = self.dtype or jnp.result_type(inputs_q, kernel)
+    return attention_lib.split_qkv(kernel, bias, inputs_q, inputs_k,
+                                   inputs_v, self.num_heads, dtype)
+
+
+class IRPEAttention(nn.Module):
+  """Multi-head self-attention with iRPE, as `RPEAttention` of the release.
+
+  Example:
+    >>> cfg = irpe_jax.get_rpe_config(ratio=1.9, method='product',
+    ...                               mode='ctx', shared_head=True, skip=1)
+    >>> attn = irpe_jax.IRPEAttention(num_heads=6, rpe_config=cfg)
+    >>> y = attn.apply(params, x)  # x: (B, 1 + 14 * 14, 384)
+
+  Attributes:
+    num_heads: attention heads; the feature size must divide by it.
+    rpe_config: an `RPEConfig` from `get_rpe_config`, or None (plain MHSA).
+    qkv_bias: bias in the qkv projection.
+    qk_scale: query scale; default `head_dim ** -0.5`.
+    dropout_rate: dropout on the attention weights.
+    proj_dropout_rate: dropout after the output projection.
+    dtype: computation dtype (softmax stays float32).
+    param_dtype: parameter dtype.
+    kernel_init: initializer of the qkv and proj kernels.
+    bias_init: initializer of their biases.
+    impl: iRPE lookup implementation, see `irpe_jax.ops`.
+    table_init: initializer of the iRPE tables; zeros as in the release.
+  """
+  num_heads: int
+  rpe_config: Optional[config_lib.RPEConfig] = None
+  qkv_bias: bool = True
+  qk_scale: Optional[float] = None
+  dropout_rate: float = 0.0
+  proj_dropout_rate: float = 0.0
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  impl: str = 'auto'
+  table_init: Initializer = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, inputs_q: jax.Array, inputs_k: Optional[jax.Array] = None,
+               inputs_v: Optional[jax.Array] = None, *,
+               height: Optional[int] = None, width: Optional[int] = None,
+               mask: Optional[jax.Array] = None,
+               deterministic: bool = True) -> jax.Array:
+    """Attends over `(B, N, C)` inputs; k and v default to q.
+
+    Args:
+      inputs_q: `(B, N, C)` queries' input.
+      inputs_k: `(B, N, C)` keys' input; default `inputs_q`.
+      inputs_v: `(B, N, C)` values' input; default `inputs_k`.
+      height: rows of the token grid (static); default `floor(sqrt(N))`.
+      width: columns of the token grid (static).
+      mask: boolean, broadcastable to `(B, H, N, N)`, True = attend.
+      deterministic: disables dropout when True.
+
+    Returns:
+      `(B, N, C)`. The attention weights `(B, H, N, N)` are sown as
+      `intermediates/attention_weights` (apply with
+      `mutable=['intermediates']` to read them).
+    """
+    inputs_k, inputs_v, head_dim = attention_lib.check_inputs(
+        inputs_q, inputs_k, inputs_v, self.num_heads)
+    batch, length, features = inputs_q.shape
+    attention_lib.check_mask(mask, batch, self.num_heads, length)
+    q, k, v = QKVProjection(
+        self.num_heads, self.qkv_bias, self.dtype, self.param_dtype,
+        self.kernel_init, self.bias_init, name='qkv')(inputs_q, inputs_k,
+                                                       inputs_v)
+    rpe_kwargs = dict(impl=self.impl, table_init=self.table_init,
+                      dtype=self.dtype, param_dtype=self.param_dtype)
+    rpes = {name: build_single_rpe(single, for_qk, head_dim, self.num_heads,
+                                   name=name, **rpe_kwargs)
+            for name, single, for_qk in tables.targets(self.rpe_config)}
+    dropout = None
+    if self.dropout_rate > 0 and not deterministic:
+      dropout = nn.Dropout(self.dropout_rate, deterministic=False)
+    out = attention_lib.attention_with_rpe(
+        q, k, v, scale=self.qk_scale or head_dim ** -0.5, mask=mask,
+        dropout=dropout, height=height, width=width,
+        weights_hook=lambda w: self.sow('intermediates', 'attention_weights',
+                                        w),
+        **rpes)
+    out = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
+                   kernel_init=self.kernel_init, bias_init=self.bias_init,
+                   name='proj')(attention_lib.merge_heads(out))
+    return nn.Dropout(self.proj_dropout_rate)(out, deterministic=deterministic)

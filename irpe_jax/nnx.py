@@ -1,10 +1,12 @@
-"""Flax NNX twins of the Linen modules: `IRPE`, `IRPECross`, `build_rpe`,
-`IRPEAttention`.
+"""Flax NNX modules: the iRPE tables and self-attention with iRPE.
 
-They hold the same parameters under the same names as the Linen modules
-(`lookup_table_weight`, `rp_rows`, `qkv.kernel`, ...) and call the same
-functional core (`irpe_jax.core`, `irpe_jax.attention`), so the two APIs give
-equal outputs for equal parameters.
+`IRPE`, `IRPECross`, `build_rpe` and `IRPEAttention` take the arguments of
+their Linen peers in `irpe_jax.linen` (NNX modules are built eagerly, so
+`IRPEAttention` also takes `in_features`, and all take `rngs`). They hold
+the same parameters under the same names (`lookup_table_weight`,
+`rp_rows`, `qkv/kernel`, ...; see `irpe_jax.tables`) and compute with the
+same framework-free core (`irpe_jax.core`, `irpe_jax.attention`), so the
+two APIs give equal outputs for equal parameters.
 """
 
 import inspect
@@ -14,13 +16,13 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from irpe_jax import _checks
 from irpe_jax import attention as attention_lib
-from irpe_jax import buckets
 from irpe_jax import config as config_lib
 from irpe_jax import core
-from irpe_jax import ops
-from irpe_jax import linen as rpe_linen
+from irpe_jax import tables
 
+Initializer = jax.nn.initializers.Initializer
 _zeros = jax.nn.initializers.zeros
 _lecun_normal = jax.nn.initializers.lecun_normal()
 # Newer Flax sows only inside `nnx.capture`; older Flax has no such switch.
@@ -28,97 +30,110 @@ _SOW_KWARGS = ({'capture_noop': True} if 'capture_noop' in
                inspect.signature(nnx.Module.sow).parameters else {})
 
 
-class IRPE(nnx.Module):
-  """One iRPE lookup table; arguments as the Linen `irpe_jax.IRPE`."""
+class _TableModule(nnx.Module):
+  """The constructor shared by `IRPE` and `IRPECross`.
+
+  Args:
+    head_dim: `D`, features per head.
+    num_heads: `Ht`, heads of the table: 1 for a shared table.
+    mode: 'bias' or 'contextual'; default `rpe_config.mode`.
+    method: default `rpe_config.method`; 'cross' for `IRPECross` only.
+    for_qk: True for a table on q or k, False for one on v (the release's
+      `transposed`).
+    num_buckets: default `rpe_config.num_buckets`.
+    rpe_config: a `SingleRPEConfig` (alpha, beta, gamma, index function).
+    impl: how lookups are computed, see `irpe_jax.ops`.
+    table_init: initializer of the tables; zeros as in the release.
+    dtype: computation dtype; default the input's.
+    param_dtype: dtype of the tables.
+    rngs: `nnx.Rngs` with a 'params' stream.
+  """
+  _cross = False
 
   def __init__(self, head_dim: int, num_heads: int = 1,
                mode: Optional[str] = None, method: Optional[str] = None,
-               transposed: bool = True, num_buckets: Optional[int] = None,
+               for_qk: bool = True, num_buckets: Optional[int] = None,
                rpe_config: Optional[config_lib.SingleRPEConfig] = None,
-               impl: str = 'auto', table_init: Any = _zeros,
+               impl: str = 'auto', table_init: Initializer = _zeros,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                *, rngs: nnx.Rngs):
-    mode, method, num_buckets = rpe_linen.resolve_fields(
-        head_dim, num_heads, mode, method, transposed, num_buckets,
-        rpe_config, impl)
-    if method == buckets.CROSS:
-      raise ValueError("method='cross' holds two tables: use IRPECross.")
-    self.method, self.transposed, self.rpe_config = method, transposed, rpe_config
-    self.impl, self.dtype = impl, dtype
-    self.table_name, shape = ops.table_shape(mode, transposed, num_heads,
-                                             head_dim, num_buckets)
-    setattr(self, self.table_name,
-            nnx.Param(table_init(rngs.params(), shape, param_dtype)))
+    self.spec = tables.resolve_table(
+        rpe_config, head_dim=head_dim, num_heads=num_heads, mode=mode,
+        method=method, for_qk=for_qk, num_buckets=num_buckets, impl=impl,
+        cross=self._cross)
+    self.rpe_config, self.impl, self.dtype = rpe_config, impl, dtype
+    self._init_tables(table_init, param_dtype, rngs)
+
+  def _init_tables(self, table_init, param_dtype, rngs):
+    raise NotImplementedError
+
+  @property
+  def num_heads(self) -> int:
+    return self.spec.num_heads
+
+  @property
+  def for_qk(self) -> bool:
+    return self.spec.for_qk
+
+
+class IRPE(_TableModule):
+  """One iRPE lookup table; arguments as the Linen `irpe_jax.IRPE`."""
+
+  def _init_tables(self, table_init, param_dtype, rngs):
+    setattr(self, self.spec.param_name, nnx.Param(
+        table_init(rngs.params(), self.spec.shape, param_dtype)))
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None, *,
-               transpose_output: bool = False,
+               width: Optional[int] = None, *, x_tokens_last: bool = False,
                scale: Optional[float] = None) -> jax.Array:
     """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`."""
     if self.dtype is not None:
       x = x.astype(self.dtype)
+    spec = self.spec
     return core.rpe_lookup(
-        x, getattr(self, self.table_name)[...], config=self.rpe_config,
-        method=self.method, transposed=self.transposed, height=height,
-        width=width, impl=self.impl, transpose_output=transpose_output,
+        x, getattr(self, spec.param_name)[...], config=self.rpe_config,
+        method=spec.method, for_qk=spec.for_qk, mode=spec.mode, height=height,
+        width=width, impl=self.impl, x_tokens_last=x_tokens_last,
         scale=scale)
 
 
-class IRPECross(nnx.Module):
+class IRPECross(_TableModule):
   """The cross method: children `rp_rows` and `rp_cols`, summed."""
+  _cross = True
 
-  def __init__(self, head_dim: int, num_heads: int = 1,
-               mode: Optional[str] = None, method: Optional[str] = None,
-               transposed: bool = True, num_buckets: Optional[int] = None,
-               rpe_config: Optional[config_lib.SingleRPEConfig] = None,
-               impl: str = 'auto', table_init: Any = _zeros,
-               dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
-               *, rngs: nnx.Rngs):
-    mode, method, num_buckets = rpe_linen.resolve_fields(
-        head_dim, num_heads, mode, method, transposed, num_buckets,
-        rpe_config, impl)
-    if method != buckets.CROSS:
-      raise ValueError(f"IRPECross needs method='cross', got {method!r}.")
-    kwargs = dict(head_dim=head_dim, num_heads=num_heads, mode=mode,
-                  transposed=transposed, num_buckets=num_buckets,
-                  rpe_config=rpe_config, impl=impl, table_init=table_init,
-                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.rp_rows = IRPE(method=buckets.CROSS_ROWS, **kwargs)
-    self.rp_cols = IRPE(method=buckets.CROSS_COLS, **kwargs)
+  def _init_tables(self, table_init, param_dtype, rngs):
+    spec = self.spec
+    for name, method in tables.CROSS_HALVES:
+      setattr(self, name, IRPE(
+          spec.head_dim, spec.num_heads, spec.mode, method, spec.for_qk,
+          spec.num_buckets, self.rpe_config, self.impl, table_init,
+          self.dtype, param_dtype, rngs=rngs))
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
-               width: Optional[int] = None, *,
-               transpose_output: bool = False,
+               width: Optional[int] = None, *, x_tokens_last: bool = False,
                scale: Optional[float] = None) -> jax.Array:
-    kwargs = dict(transpose_output=transpose_output, scale=scale)
-    return (self.rp_rows(x, height, width, **kwargs) +
-            self.rp_cols(x, height, width, **kwargs))
+    """Encodes `x` (times `scale`) with both tables; see `IRPE`."""
+    return sum(getattr(self, name)(x, height, width,
+                                   x_tokens_last=x_tokens_last, scale=scale)
+               for name, _ in tables.CROSS_HALVES)
 
 
 def build_single_rpe(rpe_config: Optional[config_lib.SingleRPEConfig],
-                     transposed: bool, head_dim: int, num_heads: int,
-                     **kwargs) -> Optional[nnx.Module]:
+                     for_qk: bool, head_dim: int, num_heads: int, *,
+                     rngs: nnx.Rngs, **kwargs: Any
+                     ) -> Optional[_TableModule]:
   """The NNX module for one of q/k/v, or None where the config is None."""
-  return rpe_linen.build_single_rpe(rpe_config, transposed, head_dim,
-                                    num_heads, classes=(IRPE, IRPECross),
-                                    **kwargs)
+  return tables.build_single(rpe_config, for_qk, head_dim, num_heads,
+                             (IRPE, IRPECross), rngs=rngs, **kwargs)
 
 
 def build_rpe(config: Optional[config_lib.RPEConfig], head_dim: int,
-              num_heads: int, *, rngs: nnx.Rngs, **kwargs
-              ) -> Tuple[Optional[nnx.Module], Optional[nnx.Module],
-                         Optional[nnx.Module]]:
-  """`(rpe_q, rpe_k, rpe_v)` NNX modules; see `irpe_jax.build_rpe`."""
-  if config is None:
-    return None, None, None
-  if not isinstance(config, config_lib.RPEConfig):
-    raise TypeError(f'config must be an RPEConfig (see get_rpe_config), got '
-                    f'{config!r}.')
-  return tuple(
-      build_single_rpe(cfg, target != 'v', head_dim, num_heads, rngs=rngs,
-                       **kwargs)
-      for target, cfg in zip('qkv', (config.rpe_q, config.rpe_k,
-                                     config.rpe_v)))
+              num_heads: int, *, rngs: nnx.Rngs, **kwargs: Any
+              ) -> Tuple[Optional[_TableModule], Optional[_TableModule],
+                         Optional[_TableModule]]:
+  """`(rpe_q, rpe_k, rpe_v)` NNX modules; see the Linen `build_rpe`."""
+  return tables.build_all(config, head_dim, num_heads, (IRPE, IRPECross),
+                          rngs=rngs, **kwargs)
 
 
 class QKVProjection(nnx.Module):
@@ -126,15 +141,16 @@ class QKVProjection(nnx.Module):
 
   def __init__(self, in_features: int, num_heads: int, use_bias: bool = True,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
-               kernel_init: Any = _lecun_normal, bias_init: Any = _zeros,
-               *, rngs: nnx.Rngs):
+               kernel_init: Initializer = _lecun_normal,
+               bias_init: Initializer = _zeros, *, rngs: nnx.Rngs):
     self.num_heads, self.dtype = num_heads, dtype
     self.kernel = nnx.Param(kernel_init(
         rngs.params(), (in_features, 3 * in_features), param_dtype))
     self.bias = (nnx.Param(bias_init(rngs.params(), (3 * in_features,),
                                      param_dtype)) if use_bias else None)
 
-  def __call__(self, inputs_q, inputs_k, inputs_v):
+  def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array,
+               inputs_v: jax.Array) -> Tuple[jax.Array, jax.Array, jax.Array]:
     kernel = self.kernel[...]
     bias = None if self.bias is None else self.bias[...]
     dtype = self.dtype or jnp.result_type(inputs_q, kernel)
@@ -143,7 +159,7 @@ class QKVProjection(nnx.Module):
 
 
 class IRPEAttention(nnx.Module):
-  """Multi-head self-attention with iRPE; NNX twin of `irpe_jax.IRPEAttention`.
+  """Multi-head self-attention with iRPE; the NNX peer of the Linen one.
 
   Args:
     in_features: `C`, the feature size of the inputs and output.
@@ -167,9 +183,11 @@ class IRPEAttention(nnx.Module):
                qkv_bias: bool = True, qk_scale: Optional[float] = None,
                dropout_rate: float = 0.0, proj_dropout_rate: float = 0.0,
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
-               kernel_init: Any = _lecun_normal, bias_init: Any = _zeros,
-               impl: str = 'auto', table_init: Any = _zeros,
-               *, rngs: nnx.Rngs):
+               kernel_init: Initializer = _lecun_normal,
+               bias_init: Initializer = _zeros, impl: str = 'auto',
+               table_init: Initializer = _zeros, *, rngs: nnx.Rngs):
+    in_features = _checks.check_int('in_features', in_features, 1)
+    num_heads = _checks.check_int('num_heads', num_heads, 1)
     if in_features % num_heads:
       raise ValueError(f'in_features={in_features} is not divisible by '
                        f'num_heads={num_heads}.')
@@ -197,9 +215,9 @@ class IRPEAttention(nnx.Module):
     The attention weights are sown as `nnx.Intermediate` `attention_weights`;
     read them with `nnx.capture(model, nnx.Intermediate)(x)`.
     """
-    inputs_k, inputs_v, head_dim = attention_lib.check_inputs(
+    inputs_k, inputs_v, _ = attention_lib.check_inputs(
         inputs_q, inputs_k, inputs_v, self.num_heads)
-    batch, length, features = inputs_q.shape
+    batch, length, _ = inputs_q.shape
     attention_lib.check_mask(mask, batch, self.num_heads, length)
     q, k, v = self.qkv(inputs_q, inputs_k, inputs_v)
     dropout = None
@@ -211,5 +229,5 @@ class IRPEAttention(nnx.Module):
         width=width,
         weights_hook=lambda w: self.sow(nnx.Intermediate, 'attention_weights',
                                         w, **_SOW_KWARGS))
-    out = jnp.swapaxes(out, 1, 2).reshape(batch, length, features)
-    return self.proj_dropout(self.proj(out), deterministic=deterministic)
+    out = self.proj(attention_lib.merge_heads(out))
+    return self.proj_dropout(out, deterministic=deterministic)

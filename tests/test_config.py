@@ -1,10 +1,13 @@
 """Configs: the release's defaults and aliases, and clear errors."""
 
 import dataclasses
+import math
 
+import numpy as np
 import pytest
 
 import irpe_jax
+from irpe_jax import config as config_lib
 
 
 def test_default_is_the_papers_product_contextual_on_k():
@@ -51,7 +54,18 @@ def test_detr_string():
     (dict(mode='bias', rpe_on='kv'), ValueError, "mode='bias' does not exist on v"),
     (dict(ratio=0), ValueError, 'ratio must be > 0, got 0'),
     (dict(ratio=-1.5), ValueError, 'ratio must be > 0, got -1.5'),
-    (dict(ratio='1.9'), TypeError, 'ratio must be a number'),
+    (dict(ratio='1.9'), TypeError, 'ratio must be a real number'),
+    (dict(ratio=math.inf), ValueError, 'ratio must be finite, got inf'),
+    (dict(ratio=math.nan), ValueError, 'ratio must be finite, got nan'),
+    # 1e7 overflowed; 1e4 asked for 1.6e9 buckets (24 GiB at D = 4).
+    (dict(ratio=1e7), ValueError,
+     'ratio=1e\\+07 gives product tables of .* more than MAX_BUCKETS=262144; '
+     "ratio must be < 128 for method 'product'"),
+    (dict(ratio=1e4), ValueError, 'ratio must be < 128'),
+    (dict(ratio=128), ValueError, 'ratio must be < 128'),
+    (dict(ratio=65536, method='euc'), ValueError,
+     "ratio must be < 65536 for method 'euc'"),
+    (dict(skip=1.0), TypeError, 'skip must be an int'),
     (dict(skip=-1), ValueError, 'skip must be >= 0, got -1'),
     (dict(rpe_on='x'), ValueError, "rpe_on must be .* got 'x'"),
     (dict(rpe_on=''), ValueError, 'rpe_on must be'),
@@ -68,3 +82,34 @@ def test_bad_config_raises(kwargs, error, match):
 def test_bad_detr_string_raises(spec):
   with pytest.raises(ValueError, match='spec|RATIO|SHARED'):
     irpe_jax.parse_rpe_string(spec)
+
+
+def test_numpy_scalars_are_numbers():
+  cfg = irpe_jax.get_rpe_config(ratio=np.float32(1.9), skip=np.int64(1),
+                                method=np.int32(3))
+  assert cfg == irpe_jax.get_rpe_config(ratio=float(np.float32(1.9)), skip=1)
+  assert cfg.rpe_k.num_buckets == 50
+  assert isinstance(cfg.rpe_k.skip, int) and isinstance(cfg.rpe_k.alpha, float)
+
+
+def test_largest_ratios_stay_within_max_buckets():
+  for method, ratio in (('product', 127.99), ('euc', 65535.9),
+                        ('cross', 65535.9)):
+    cfg = irpe_jax.get_single_rpe_config(ratio=ratio, method=method, skip=1)
+    assert cfg.num_buckets <= config_lib.MAX_BUCKETS
+
+
+def test_piecewise_params_are_the_releases():
+  assert config_lib.piecewise_params(1.9) == (1.9, 3.8, 15.2)
+  assert config_lib.piecewise_params(np.float64(20)) == (20.0, 40.0, 160.0)
+  with pytest.raises(ValueError, match='ratio must be > 0'):
+    config_lib.piecewise_params(0)
+
+
+def test_method_ratios_give_the_release_bucket_counts():
+  # The release's DeiT models: euc 20 and cross 20 -> 81 + 1, quant 33 ->
+  # 133 + 1, product 1.9 -> 49 + 1 buckets per table.
+  counts = {m: irpe_jax.get_single_rpe_config(ratio=r, method=m,
+                                              skip=1).num_buckets
+            for m, r in config_lib.METHOD_RATIOS.items()}
+  assert counts == {'euc': 82, 'quant': 134, 'cross': 82, 'product': 50}

@@ -1,7 +1,6 @@
 """Tests of the DeiT-iRPE VisionTransformer and its registry."""
 
 import json
-import pathlib
 import re
 
 import chex
@@ -15,9 +14,11 @@ import pytest
 import irpe_jax
 from irpe_jax import models
 from irpe_jax.models import registry
+from irpe_jax.models import vit
+import golden
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO / '..' / 'shared' / 'golden'
+REGISTERED = json.loads((golden.GOLDEN_DIR / 'registered_models.json')
+                        .read_text())
 NAME = re.compile(r'^deit_(tiny|small|base)(_distilled)?_patch16_224'
                   r'(?:_(bias|ctx)_(euc|quant|cross|product)_(\d+)_'
                   r'(shared|unshared)_([qkv]+))?(_noabs)?$')
@@ -54,10 +55,9 @@ def tiny():
   return model, params, apply
 
 
-@pytest.mark.parametrize('name', sorted(json.loads(
-    (GOLDEN / 'registered_models.json').read_text())))
+@pytest.mark.parametrize('name', sorted(REGISTERED))
 def test_released_models_have_the_release_param_counts(name):
-  spec = json.loads((GOLDEN / 'registered_models.json').read_text())[name]
+  spec = REGISTERED[name]
   assert count_params(models.create_model(name)) == spec['num_params']
   assert models.create_model(name).rpe_config == irpe_jax.get_rpe_config(
       **spec['rpe_config'])
@@ -251,6 +251,28 @@ def test_bfloat16_computation_keeps_float32_params():
   variables = jax.eval_shape(model.init, jax.random.key(7), IMAGES)
   assert {x.dtype for x in jax.tree.leaves(variables)} == {np.dtype('float32')}
   assert jax.eval_shape(model.apply, variables, IMAGES).dtype == jnp.bfloat16
+
+
+def test_sizes_are_deits():
+  # Touvron et al. 2021, Table 1; the registry builds every size from here.
+  assert {s: (v['embed_dim'], v['num_heads']) for s, v in vit.SIZES.items()} \
+      == {'tiny': (192, 3), 'small': (384, 6), 'base': (768, 12)}
+  base = models.VisionTransformer()
+  assert (base.embed_dim, base.num_heads) == (768, 12)
+
+
+@pytest.mark.parametrize('fields, error, match', [
+    (dict(patch_size=0), ValueError, 'patch_size must be >= 1, got 0'),
+    (dict(num_heads=0), ValueError, 'num_heads must be >= 1, got 0'),
+    (dict(num_heads=3), ValueError, 'embed_dim=16 is not divisible by '
+                                    'num_heads=3'),
+    (dict(embed_dim=16.0), TypeError, 'embed_dim must be an int'),
+    (dict(img_size=(16, 0)), ValueError, r'img_size\[1\] must be >= 1'),
+])
+def test_bad_fields_are_rejected(fields, error, match):
+  model = tiny_model(**fields)
+  with pytest.raises(error, match=match):
+    jax.eval_shape(model.init, jax.random.key(0), IMAGES)
 
 
 @pytest.mark.parametrize('shape, match', [

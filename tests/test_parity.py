@@ -1,7 +1,9 @@
 """Parity with the original PyTorch release on every golden case.
 
 Tolerance: max abs error relative to the largest magnitude of the reference,
-1e-5 for float32 (SPEC section 8).
+1e-5 for float32. The bucket ids are exact (`test_buckets`); what remains is
+float32 summation order (XLA's matmuls and reductions against PyTorch's),
+a few ulps of the largest value.
 """
 
 import jax
@@ -18,7 +20,7 @@ ATTENTION_CASES = golden.cases('attention')
 DETR_CASES = golden.cases('detr_attention')
 # Every golden module case runs with the default impl and one of the others,
 # in turn, so each impl meets the release on every mode/method/target.
-OTHER_IMPLS = ('naive', 'gather_xla', 'onehot', 'gather')
+OTHER_IMPLS = tuple(impl for impl in irpe_jax.IMPLS if impl != 'auto')
 
 
 def _module_for(case, impl):

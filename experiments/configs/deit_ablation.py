@@ -18,8 +18,8 @@ Comma-separated `key=value` argument (defaults in brackets):
 import ml_collections
 
 from experiments.configs import common
+from irpe_jax import config as rpe_config_lib
 
-RATIOS = {'euc': 20.0, 'quant': 33.0, 'cross': 20.0, 'product': 1.9}
 DEFAULTS = {'mode': 'ctx', 'method': 'product', 'on': 'k',
             'index': 'piecewise', 'shared': '1', 'abs': '1', 'ratio': ''}
 
@@ -37,7 +37,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   config.model.use_abs_pos_embed = options['abs'] == '1'
   if options['on'] != 'none':
     config.rpe = {
-        'ratio': float(options['ratio'] or RATIOS[options['method']]),
+        'ratio': float(options['ratio'] or
+                       rpe_config_lib.METHOD_RATIOS[options['method']]),
         'method': options['method'], 'mode': options['mode'],
         'shared_head': options['shared'] == '1', 'skip': 1,
         'rpe_on': options['on'], 'index_fn': options['index']}

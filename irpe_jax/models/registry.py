@@ -4,11 +4,13 @@ Names follow the release:
 
     deit_{SIZE}[_distilled]_patch16_224[_{MODE}_{METHOD}_{N}_{HEADS}_{ON}][_noabs]
 
-- `SIZE`: `tiny` (192 features, 3 heads), `small` (384, 6), `base` (768, 12);
-  all have 12 blocks, 16x16 patches, 224px images and 1000 classes.
+- `SIZE`: `tiny` (192 features, 3 heads), `small` (384, 6), `base` (768, 12)
+  (`vit.SIZES`); all have 12 blocks, 16x16 patches, 224px images and 1000
+  classes (`VisionTransformer`'s defaults).
 - `MODE`: `ctx` (contextual) or `bias`; `METHOD`: `euc`, `quant`, `cross` or
-  `product`, with the release's ratios (euc 20, quant 33, cross 20,
-  product 1.9); `HEADS`: `shared` (one table for all heads, as released) or
+  `product`, with the release's ratios (`irpe_jax.config.METHOD_RATIOS`:
+  euc 20, quant 33, cross 20, product 1.9); `HEADS`: `shared` (one table for
+  all heads, as released) or
   `unshared`; `ON`: where iRPE goes, a combination of `q`, `k`, `v`.
 - `N` is the release's bucket tag: the number of buckets that a 14x14 grid
   with a class token actually uses (the two tables summed for cross). It is
@@ -37,14 +39,6 @@ import numpy as np
 from irpe_jax import buckets
 from irpe_jax import config as config_lib
 from irpe_jax.models import vit
-
-_SIZES = {
-    'tiny': dict(embed_dim=192, num_heads=3),
-    'small': dict(embed_dim=384, num_heads=6),
-    'base': dict(embed_dim=768, num_heads=12),
-}
-# The ratio the release uses with each method.
-METHOD_RATIOS = {'euc': 20, 'quant': 33, 'cross': 20, 'product': 1.9}
 
 # The six checkpoints of the release, and its nine registered models.
 PRETRAINED = tuple(
@@ -75,31 +69,33 @@ class ModelSpec:
     """The `VisionTransformer` arguments of this spec."""
     rpe = None if self.rpe is None else config_lib.get_rpe_config(
         **dict(self.rpe))
-    return dict(img_size=224, patch_size=16, depth=12, mlp_ratio=4.0,
-                qkv_bias=True, num_classes=1000, rpe_config=rpe,
-                distilled=self.distilled,
-                use_abs_pos_embed=self.use_abs_pos_embed, **_SIZES[self.size])
+    # The other fields keep VisionTransformer's defaults: DeiT at 224px.
+    return dict(rpe_config=rpe, distilled=self.distilled,
+                use_abs_pos_embed=self.use_abs_pos_embed,
+                **vit.SIZES[self.size])
 
 
 def bucket_tag(method: str, ratio: float) -> int:
   """The `N` of a name: buckets used on a 14x14 grid with a class token."""
   halves = ((buckets.CROSS_ROWS, buckets.CROSS_COLS) if method == 'cross'
             else (method,))
+  alpha, beta, gamma = config_lib.piecewise_params(ratio)
   return sum(
       len(np.unique(buckets.get_bucket_ids_2d(
-          half, 14, 14, 1, ratio, 2 * ratio, 8 * ratio)[0]))
+          half, 14, 14, 1, alpha, beta, gamma)[0]))
       for half in halves)
 
 
 def _rpe_name(mode: str, method: str, shared: bool, on: str) -> str:
   heads = 'shared' if shared else 'unshared'
-  return (f'{mode}_{method}_{bucket_tag(method, METHOD_RATIOS[method])}_'
+  ratio = config_lib.METHOD_RATIOS[method]
+  return (f'{mode}_{method}_{bucket_tag(method, ratio)}_'
           f'{heads}_{on}')
 
 
 def _build_registry() -> Dict[str, ModelSpec]:
   registry = {}
-  for size in _SIZES:
+  for size in vit.SIZES:
     registry[f'deit_{size}_patch16_224'] = ModelSpec(size)
     registry[f'deit_{size}_distilled_patch16_224'] = ModelSpec(
         size, distilled=True)
@@ -109,7 +105,7 @@ def _build_registry() -> Dict[str, ModelSpec]:
   def add(size, mode, method, on, shared=True, abs_pos=True):
     name = (f'deit_{size}_patch16_224_{_rpe_name(mode, method, shared, on)}'
             + ('' if abs_pos else '_noabs'))
-    rpe = (('ratio', METHOD_RATIOS[method]), ('method', method),
+    rpe = (('ratio', config_lib.METHOD_RATIOS[method]), ('method', method),
            ('mode', mode), ('shared_head', shared), ('skip', 1),
            ('rpe_on', on))
     registry[name] = ModelSpec(size, rpe, use_abs_pos_embed=abs_pos)
@@ -122,7 +118,7 @@ def _build_registry() -> Dict[str, ModelSpec]:
     add('small', 'ctx', method, 'k')
   # The paper's ablations on DeiT-S: mode x method on keys ...
   for mode in ('bias', 'ctx'):
-    for method in METHOD_RATIOS:
+    for method in config_lib.METHOD_RATIOS:
       add('small', mode, method, 'k')
   # ... where to put iRPE ...
   for on in ('q', 'k', 'v', 'qk', 'qv', 'kv', 'qkv'):

@@ -23,8 +23,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from irpe_jax import attention as attention_lib
+from irpe_jax import _checks
 from irpe_jax import config as config_lib
+from irpe_jax import linen as irpe_linen
+
+# DeiT's sizes (Touvron et al. 2021, Table 1): all have 12 blocks, MLP ratio
+# 4 and, as released, 16x16 patches at 224px; `VisionTransformer`'s
+# defaults are DeiT-B's.
+SIZES = {
+    'tiny': dict(embed_dim=192, num_heads=3),
+    'small': dict(embed_dim=384, num_heads=6),
+    'base': dict(embed_dim=768, num_heads=12),
+}
 
 # timm's `_init_weights`: trunc-normal(0.02) Linear kernels, zero biases.
 _dense_init = nn.initializers.truncated_normal(stddev=0.02)
@@ -150,7 +160,7 @@ class Block(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                                      param_dtype=self.param_dtype, name=name)
     drop_path = DropPath(self.drop_path_rate)
-    y = attention_lib.IRPEAttention(
+    y = irpe_linen.IRPEAttention(
         num_heads=self.num_heads, rpe_config=self.rpe_config,
         qkv_bias=self.qkv_bias, dropout_rate=self.attn_drop_rate,
         proj_dropout_rate=self.drop_rate, dtype=self.dtype,
@@ -202,9 +212,9 @@ class VisionTransformer(nn.Module):
   patch_size: int = 16
   in_chans: int = 3
   num_classes: int = 1000
-  embed_dim: int = 768
+  embed_dim: int = SIZES['base']['embed_dim']
   depth: int = 12
-  num_heads: int = 12
+  num_heads: int = SIZES['base']['num_heads']
   mlp_ratio: float = 4.0
   qkv_bias: bool = True
   drop_rate: float = 0.0
@@ -227,10 +237,22 @@ class VisionTransformer(nn.Module):
   def grid_size(self) -> Tuple[int, int]:
     """`(rows, cols)` of the patch grid at `img_size`."""
     size = self.img_size
-    rows, cols = (size, size) if isinstance(size, int) else tuple(size)
-    return rows // self.patch_size, cols // self.patch_size
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+      rows, cols = (_checks.check_int(f'img_size[{i}]', s, 1)
+                    for i, s in enumerate(size))
+    else:
+      rows = cols = _checks.check_int('img_size', size, 1)
+    patch = _checks.check_int('patch_size', self.patch_size, 1)
+    return rows // patch, cols // patch
 
   def _check(self, images):
+    for name, minimum in (('patch_size', 1), ('in_chans', 1),
+                          ('embed_dim', 1), ('depth', 0), ('num_heads', 1),
+                          ('num_classes', 0)):
+      _checks.check_int(name, getattr(self, name), minimum)
+    if self.embed_dim % self.num_heads:
+      raise ValueError(f'embed_dim={self.embed_dim} is not divisible by '
+                       f'num_heads={self.num_heads}.')
     if self.rpe_config is not None and not isinstance(self.rpe_config,
                                                       config_lib.RPEConfig):
       raise TypeError(f'rpe_config must be an RPEConfig (see '
