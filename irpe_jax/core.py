@@ -98,11 +98,12 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
     height: rows of the token grid (static); default `floor(sqrt(L))`.
     width: columns of the token grid (static); default `floor(sqrt(L))`.
     impl: see `irpe_jax.ops`.
-    x_tokens_last: q/k only: put the tokens of `x` on the last axis,
-      `e[b, h, j, i]` for the `e[b, h, i, j]` of `x`'s token `i`. rpe_q
-      encodes the keys and adds them to the `(query, key)` logits this way;
-      the lookup writes this layout directly, with no transpose pass over
-      `(B, H, L, L)`.
+    x_tokens_last: q/k only. The encoding `e[b, h, i, j]` pairs token `i`
+      of `x` with token `j`; True returns it with the tokens of `x` on the
+      last axis, `e[b, h, j, i]`. rpe_q encodes the keys so, ready to add
+      to the `(query, key)` logits; the lookup writes this layout directly,
+      with no transpose pass over `(B, H, L, L)`. (`irpe_jax.ops` calls it
+      `transpose_output`.)
     scale: encode `x * scale` instead of `x`. The contextual lookups are
       linear in `x`, so the scale goes on the table (a `(D, nb)` multiply
       instead of a pass over `x`, and no scaled copy of `x` kept for the
