@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from irpe_jax import buckets
+from irpe_jax import config as rpe_config_lib
 from irpe_jax import ops
 
 # Targets of the core issue, for this CPU, as fractions.
@@ -99,10 +100,9 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 def _make_inputs(args: argparse.Namespace):
   """Random inputs, tables, cotangents and the static bucket geometry."""
-  ratio = args.ratio
   geometry = buckets.get_bucket_geometry(
-      args.method, args.height, args.width, args.skip, ratio, 2 * ratio,
-      8 * ratio)
+      args.method, args.height, args.width, args.skip,
+      *rpe_config_lib.piecewise_params(args.ratio))
   num_buckets = geometry.num_buckets
   length = args.skip + args.height * args.width
   table_heads = 1 if args.shared_head else args.heads
