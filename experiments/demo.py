@@ -10,8 +10,9 @@ encoding sees only a bag of 16 patches. Four variants, several seeds each:
   irpe_k    absolute + contextual product iRPE on keys (the paper's iRPE-K);
   irpe_qkv  absolute + contextual product iRPE on queries, keys and values.
 
-The seeds of one variant train together under `jax.vmap`, so each variant
-compiles one train step and one eval step. Prints a table of test accuracy
+The seeds of one variant train together under `jax.vmap` of the
+experiments' training and eval steps (`experiments.steps`), so each variant
+compiles one of each. Prints a table of test accuracy
 (mean, spread over seeds) and writes into `--outdir`:
 
   results.json          settings, per-seed accuracies, curves and timings;
@@ -28,6 +29,7 @@ Usage:
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -36,14 +38,11 @@ from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
-import optax
 
 import irpe_jax
-from experiments import optim
+from experiments import plots
+from experiments import steps
 from irpe_jax import models
 
 # name -> (uses the absolute position embedding, iRPE targets or None).
@@ -75,6 +74,8 @@ class Settings:
   epochs: int = 30
   batch_size: int = 128
   base_lr: float = 3e-3  # peak learning rate at batch_size.
+  warmup_lr: float = 1e-6
+  min_lr: float = 1e-5
   weight_decay: float = 0.05
   warmup_epochs: int = 3
   label_smoothing: float = 0.1
@@ -147,6 +148,16 @@ def shift_batch(images: np.ndarray, max_shift: int,
   return out.reshape(*lead, h, w, c)
 
 
+def recipe_of(settings: Settings, steps_per_epoch: int) -> steps.Recipe:
+  """The training step's hyper-parameters: no mixup, no lr scaling."""
+  return steps.Recipe(
+      peak_lr=settings.base_lr, total_steps=steps_per_epoch * settings.epochs,
+      warmup_steps=settings.warmup_epochs * steps_per_epoch,
+      warmup_lr=settings.warmup_lr, min_lr=settings.min_lr,
+      weight_decay=settings.weight_decay,
+      label_smoothing=settings.label_smoothing)
+
+
 def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
                   seeds: Sequence[int]) -> Dict[str, Any]:
   """Trains one variant for every seed at once (vmapped over seeds).
@@ -165,42 +176,26 @@ def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
   x_train, y_train, x_test, y_test = data
   num_seeds, batch = len(seeds), settings.batch_size
   steps_per_epoch = len(x_train) // batch
-  total_steps = steps_per_epoch * settings.epochs
   model = make_model(variant, settings)
-  schedule = optim.make_schedule(settings.base_lr, total_steps,
-                                settings.warmup_epochs * steps_per_epoch)
-  tx = optim.make_optimizer(schedule, settings.weight_decay)
-
-  def step_one(params, opt_state, images, labels, rng):
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, 10),
-                                  settings.label_smoothing)
-
-    def loss_fn(p):
-      logits = model.apply({'params': p}, images, train=True,
-                           rngs={'dropout': rng})
-      return optax.softmax_cross_entropy(logits, targets).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  train_step = jax.jit(jax.vmap(step_one), donate_argnums=(0, 1))
-
-  @jax.jit
-  def eval_step(params, images, labels):
-    logits = jax.vmap(lambda p: model.apply({'params': p}, images))(params)
-    return jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=-1)
+  recipe = recipe_of(settings, steps_per_epoch)
+  # The experiments' one training step, each seed its own model and data.
+  train_step = jax.jit(jax.vmap(functools.partial(
+      steps.train_step, model=model, recipe=recipe)), donate_argnums=0)
+  eval_step = jax.jit(jax.vmap(functools.partial(steps.eval_step, model=model),
+                               in_axes=(0, None)))
+  test_batch = {'image': x_test, 'label': y_test,
+                'mask': np.ones(len(y_test), np.float32)}
 
   start = time.time()
   # Eager init, one seed at a time: its small ops compile once for all
   # variants, where a jitted init would compile for seconds per variant.
   init_keys, step_keys = zip(*(jax.random.split(jax.random.key(s))
                                for s in seeds))
-  params = jax.tree.map(lambda *xs: jnp.stack(xs), *(
-      model.init(k, jnp.zeros((1, 8, 8, 1)), train=False)['params']
-      for k in init_keys))
-  opt_state = jax.vmap(tx.init)(params)
-  step_keys = jnp.stack(step_keys)
+  state = jax.tree.map(lambda *xs: jnp.stack(xs), *(
+      steps.init_state(
+          model.init(k, jnp.zeros((1, 8, 8, 1)), train=False)['params'],
+          recipe, step_key)
+      for k, step_key in zip(init_keys, step_keys)))
   orders = [np.random.default_rng([s, 1]) for s in seeds]
   shifts = np.random.default_rng([*seeds, 2])
 
@@ -213,19 +208,18 @@ def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
     for i in range(steps_per_epoch):
       idx = perms[:, i * batch:(i + 1) * batch]
       images = shift_batch(x_train[idx], settings.max_shift, shifts)
-      rngs = jax.vmap(jax.random.fold_in, (0, None))(step_keys, step)
       t0 = time.time()
-      params, opt_state, loss = train_step(params, opt_state, images,
-                                           y_train[idx], rngs)
-      losses.append(loss)
+      state, metrics = train_step(state, {'image': images,
+                                          'label': y_train[idx]})
+      losses.append(metrics['loss'])
       if step == 0:
-        jax.block_until_ready(loss)
+        jax.block_until_ready(metrics['loss'])
         compile_s += time.time() - t0
       step += 1
     curves['train_loss'][:, epoch] = np.mean(jax.device_get(losses), axis=0)
     t0 = time.time()
-    curves['test_accuracy'][:, epoch] = jax.device_get(
-        eval_step(params, x_test, y_test))
+    sums = jax.device_get(eval_step(state['params'], test_batch))
+    curves['test_accuracy'][:, epoch] = sums['top1'] / sums['count']
     if epoch == 0:
       compile_s += time.time() - t0
     acc = curves['test_accuracy'][:, epoch]
@@ -246,8 +240,8 @@ def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
       'compile_seconds': compile_s,
       'seconds': time.time() - start,
       'num_params': int(sum(np.prod(x.shape[1:]) for x in
-                            jax.tree.leaves(params))),
-      'params': params,
+                            jax.tree.leaves(state['params']))),
+      'params': state['params'],
   }
 
 
@@ -265,111 +259,6 @@ def attention_of(variant: str, settings: Settings, params: Any,
     if block and 'attention_weights' in names:
       per_block[int(str(block[0]).split('_')[1])] = np.asarray(value)
   return np.stack([per_block[i][0].mean(0) for i in sorted(per_block)])
-
-
-def plot_learning_curves(results: Dict[str, Any], path: str) -> None:
-  """Train loss and test accuracy per epoch: mean, shaded min to max."""
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for name, res in results.items():
-    for ax, key in zip(axes, ('train_loss', 'test_accuracy')):
-      curve = np.asarray(res['curves'][key])
-      epochs = np.arange(1, curve.shape[1] + 1)
-      line, = ax.plot(epochs, curve.mean(0), label=res['description'])
-      ax.fill_between(epochs, curve.min(0), curve.max(0), alpha=0.2,
-                      color=line.get_color())
-  axes[0].set(xlabel='epoch', ylabel='train loss (label smoothed)',
-              title='Training loss')
-  axes[1].set(xlabel='epoch', ylabel='test accuracy', title='Test accuracy')
-  axes[1].legend(loc='lower right')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_accuracy(results: Dict[str, Any], path: str) -> None:
-  """Final test accuracy per variant: mean +- std bar, seeds as dots."""
-  fig, ax = plt.subplots(figsize=(7, 4))
-  names = list(results)
-  for i, name in enumerate(names):
-    res = results[name]
-    ax.bar(i, res['mean'], yerr=res['std'], capsize=6, alpha=0.6)
-    ax.scatter(np.full(len(res['test_accuracy']), i), res['test_accuracy'],
-               color='k', zorder=3, s=14)
-  ax.set_xticks(range(len(names)),
-                [results[n]['description'] for n in names], rotation=15,
-                ha='right')
-  low = min(min(r['test_accuracy']) for r in results.values())
-  ax.set_ylim(max(0.0, low - 0.05), 1.0)
-  ax.set(ylabel='test accuracy', title='Digits, final test accuracy')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_attention_maps(maps: Dict[str, np.ndarray], image: np.ndarray,
-                        grid_shape: Tuple[int, int], query: Tuple[int, int],
-                        path: str) -> None:
-  """Attention of one query patch over all patches, first and last block.
-
-  Args:
-    maps: variant -> head-averaged attention `(depth, L, L)`, class token
-      first.
-    image: the `(H, W, 1)` input image.
-    grid_shape: `(rows, cols)` of the patch grid.
-    query: `(row, col)` of the query patch.
-    path: where the PNG goes.
-  """
-  names = list(maps)
-  fig, axes = plt.subplots(len(names), 3, figsize=(7.5, 2.4 * len(names)),
-                           squeeze=False)
-  rows, cols = grid_shape
-  patch = image.shape[0] // rows
-  q_token = 1 + query[0] * cols + query[1]  # skip the class token.
-  centre = (query[1] * patch + (patch - 1) / 2,
-            query[0] * patch + (patch - 1) / 2)
-  extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
-  for row, name in enumerate(names):
-    att = maps[name]
-    axes[row, 0].imshow(image[..., 0], cmap='gray')
-    axes[row, 0].set_ylabel(DESCRIPTIONS[name], fontsize=8)
-    for col, block in ((1, 0), (2, att.shape[0] - 1)):
-      axes[row, col].imshow(att[block, q_token, 1:].reshape(rows, cols),
-                            cmap='viridis', extent=extent)
-      if row == 0:
-        axes[row, col].set_title(f'block {block + 1} attention', fontsize=9)
-    for ax in axes[row]:
-      ax.plot(*centre, 'r+', markersize=12, mew=2)
-      ax.set_xticks([])
-      ax.set_yticks([])
-  axes[0, 0].set_title('input (+ = query)', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_bucket_maps(path: str, size: int = 15) -> None:
-  """Bucket id of every key for the centre query, for the four methods."""
-  methods = (('euc', 'euclidean'), ('quant', 'quantization'),
-             ('cross_rows', 'cross (rows)'), ('cross_cols', 'cross (cols)'),
-             ('product', 'product'))
-  centre = (size // 2) * size + size // 2
-  fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4))
-  for ax, (method, title) in zip(axes, methods):
-    ids, num = irpe_jax.get_bucket_ids_2d(
-        method, size, size, 0, RPE_RATIO, 2 * RPE_RATIO, 8 * RPE_RATIO)
-    grid = np.asarray(ids)[centre].reshape(size, size)
-    ax.imshow(grid, cmap='tab20' if num <= 20 else 'viridis')
-    for (r, c), v in np.ndenumerate(grid):
-      ax.text(c, r, str(v), ha='center', va='center', fontsize=5)
-    ax.plot(size // 2, size // 2, 'r+', markersize=10, mew=2)
-    ax.set_title(f'{title}: {num} buckets', fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(f'iRPE bucket ids on a {size}x{size} grid for the centre '
-               f'query (ratio {RPE_RATIO})', fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
 
 
 def format_table(results: Dict[str, Any]) -> str:
@@ -450,13 +339,15 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
   maps = {}
   for variant in variants:
     params = jax.tree.map(lambda x: x[0], results[variant].pop('params'))
-    maps[variant] = attention_of(variant, settings, params, image)
-  plot_learning_curves(results, os.path.join(args.outdir,
-                                             'learning_curves.png'))
-  plot_accuracy(results, os.path.join(args.outdir, 'accuracy.png'))
-  plot_attention_maps(maps, image, (grid, grid), query,
-                      os.path.join(args.outdir, 'attention_maps.png'))
-  plot_bucket_maps(os.path.join(args.outdir, 'bucket_maps.png'))
+    maps[DESCRIPTIONS[variant]] = attention_of(variant, settings, params,
+                                               image)
+  plots.plot_learning_curves(results, os.path.join(args.outdir,
+                                                   'learning_curves.png'))
+  plots.plot_accuracy(results, os.path.join(args.outdir, 'accuracy.png'))
+  plots.plot_attention_maps(maps, image, (grid, grid), query,
+                            os.path.join(args.outdir, 'attention_maps.png'))
+  plots.plot_bucket_maps(os.path.join(args.outdir, 'bucket_maps.png'),
+                         RPE_RATIO)
 
   elapsed = time.time() - start
   table, ordering = format_table(results), summarise_ordering(results)

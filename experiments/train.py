@@ -11,14 +11,15 @@ batch is sharded over them and the parameters are replicated (`jax.jit` with
 `--coordinator_address`, `--num_processes`, `--process_id`).
 
 Each host reads and augments only its part of every global batch
-(`input_pipeline`). A run that stops is resumed from the last checkpoint in
-`--workdir`: params, optimiser state, step, RNG and data position.
+(`input_pipeline`). A run that stops is resumed from the newest checkpoint
+in `--workdir` that verifies (`checkpoints`): params, optimiser state, step,
+RNG and data position. The steps themselves live in `steps`; every default
+lives in the config (`configs/common.py`).
 """
 
-import json
-import os
+import functools
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterable, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -31,13 +32,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
-import optax
-import orbax.checkpoint as ocp
-import tqdm
 
 import irpe_jax
+from experiments import checkpoints
 from experiments import input_pipeline
+from experiments import metrics as metrics_lib
 from experiments import optim
+from experiments import steps
 from irpe_jax import convert
 from irpe_jax import models
 
@@ -57,16 +58,18 @@ _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() with automatic '
     'cluster detection (Cloud TPU pods, SLURM).')
 
+NONFINITE_POLICIES = ('stop', 'skip')
+
 
 def build_model(config: Any, num_classes: int) -> models.VisionTransformer:
   """The model of `config`: a registered name with overrides, or fields."""
   kwargs = dict(config.model)
   kwargs.update(num_classes=num_classes, img_size=config.input.image_size)
-  if config.get('rpe'):
+  if config.rpe:
     kwargs['rpe_config'] = irpe_jax.get_rpe_config(**config.rpe)
-  if config.get('dtype', 'float32') != 'float32':
+  if config.dtype != 'float32':
     kwargs['dtype'] = jnp.dtype(config.dtype)
-  if config.get('model_name'):
+  if config.model_name:
     return models.create_model(config.model_name, **kwargs)
   return models.VisionTransformer(**kwargs)
 
@@ -74,11 +77,27 @@ def build_model(config: Any, num_classes: int) -> models.VisionTransformer:
 def total_steps_of(config: Any, num_train: int) -> Tuple[int, int]:
   """`(total_steps, warmup_steps)` from epochs or `config.total_steps`."""
   steps_per_epoch = max(num_train // config.input.batch_size, 1)
-  total = config.get('total_steps') or int(config.num_epochs * steps_per_epoch)
+  total = config.total_steps or int(config.num_epochs * steps_per_epoch)
   warmup = int(config.optim.warmup_epochs * steps_per_epoch)
-  if config.get('warmup_steps') is not None:
+  if config.warmup_steps is not None:
     warmup = config.warmup_steps
   return total, warmup
+
+
+def recipe_of(config: Any, total_steps: int,
+              warmup_steps: int) -> steps.Recipe:
+  """The step's hyper-parameters from the config (lr scaled by batch)."""
+  return steps.Recipe(
+      peak_lr=optim.scaled_learning_rate(config.optim.base_lr,
+                                         config.input.batch_size,
+                                         config.optim.reference_batch),
+      total_steps=total_steps, warmup_steps=warmup_steps,
+      warmup_lr=config.optim.warmup_lr, min_lr=config.optim.min_lr,
+      weight_decay=config.optim.weight_decay,
+      grad_clip_norm=config.optim.grad_clip_norm,
+      label_smoothing=config.label_smoothing,
+      mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha,
+      mixup_switch_prob=config.mixup_switch_prob)
 
 
 def load_pretrained(path: str, params: Any, model: Any) -> Any:
@@ -123,69 +142,76 @@ def replicate(tree: Any, sharding: NamedSharding) -> Any:
   return jax.tree.map(put, tree)
 
 
-class MetricWriter:
-  """Metrics to the console, `metrics.jsonl` and TensorBoard (process 0).
+@functools.lru_cache(maxsize=8)
+def compiled_steps(model: Any, recipe: steps.Recipe, mesh: Mesh) -> Tuple[
+    Any, Any]:
+  """`(train_step, eval_step)` jitted for `mesh`: batch sharded, rest replicated.
 
-  On a terminal a tqdm progress bar shows the step, its rate and the ETA,
-  and metric lines print above it; elsewhere (a log file, CI) the bar is
-  off. Train metric lines carry the rate and the ETA either way.
+  Cached on its (hashable) arguments, so that several runs in one process
+  (tests, sweeps) compile each step once.
   """
+  replicated = NamedSharding(mesh, P())
+  data = NamedSharding(mesh, P('data'))
+  train_step = jax.jit(
+      functools.partial(steps.train_step, model=model, recipe=recipe),
+      donate_argnums=0, in_shardings=(replicated, data),
+      out_shardings=(replicated, replicated))
+  eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
+                      in_shardings=(replicated, data),
+                      out_shardings=replicated)
+  return train_step, eval_step
 
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0,
-               progress_bar: Optional[bool] = None):
-    self.enabled = jax.process_index() == 0
-    self.total_steps = total_steps
-    self.tb = None
-    # disable=None: tqdm turns itself off when stderr is not a terminal.
-    self.bar = tqdm.tqdm(
-        total=total_steps, initial=start_step, unit='step', dynamic_ncols=True,
-        disable=(True if not self.enabled else
-                 None if progress_bar is None else not progress_bar))
-    if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-      try:
-        import tensorboardX  # pylint: disable=g-import-not-at-top
-        self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tb'))
-      except ImportError:
-        logging.warning('tensorboardX is not installed: no TensorBoard logs.')
 
-  def write(self, step: int, metrics: Dict[str, float], prefix: str) -> None:
-    if not self.enabled:
-      return
-    record = {'step': step, **{f'{prefix}/{k}': v for k, v in metrics.items()}}
-    self.jsonl.write(json.dumps(record) + '\n')
-    self.jsonl.flush()
-    if self.tb is not None:
-      for key, value in record.items():
-        if key != 'step':
-          self.tb.add_scalar(key, value, step)
-      self.tb.flush()
-    text = ' '.join(f'{k}={v:.4g}' for k, v in metrics.items())
-    eta = ''
-    if prefix == 'train' and 'steps_per_sec' in metrics:
-      seconds = (self.total_steps - step) / max(metrics['steps_per_sec'], 1e-9)
-      eta = f' eta={time.strftime("%H:%M:%S", time.gmtime(seconds))}'
-    line = (f'[{step:>7d}/{self.total_steps} '
-            f'{100 * step / max(self.total_steps, 1):5.1f}%] {prefix}: '
-            f'{text}{eta}')
-    if self.bar.disable:
-      print(line, flush=True)
-    else:
-      self.bar.write(line)
-      if prefix == 'train' and 'loss' in metrics:
-        self.bar.set_postfix(loss=f'{metrics["loss"]:.4g}', refresh=False)
+def global_batch(local: Dict[str, np.ndarray],
+                 sharding: NamedSharding) -> Dict[str, jax.Array]:
+  """This host's part of a batch, as one array over all hosts' devices."""
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
 
-  def advance(self, step: int) -> None:
-    """Moves the progress bar to `step`."""
-    self.bar.update(step - self.bar.n)
 
-  def close(self) -> None:
-    self.bar.close()
-    if self.enabled:
-      self.jsonl.close()
-      if self.tb is not None:
-        self.tb.close()
+def evaluate(eval_step: Any, params: Any,
+             batches: Iterable[Dict[str, np.ndarray]],
+             sharding: NamedSharding) -> Dict[str, float]:
+  """Mean eval loss, top-1 and top-5 over all batches (padding masked)."""
+  sums = None
+  for batch in batches:
+    out = eval_step(params, global_batch(batch, sharding))
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = jax.device_get(sums)
+  count = max(float(sums.pop('count')), 1.0)
+  return {k: float(v) / count for k, v in sums.items()}
+
+
+def is_time(step: int, every: int, total_steps: int) -> bool:
+  """Whether to log / evaluate / save at `step`: every `every` and the last."""
+  return step == total_steps or (every > 0 and step % every == 0)
+
+
+def check_nonfinite(state: Any, seen: int, since_step: int, step: int,
+                    policy: str, last_checkpoint: Optional[int]) -> int:
+  """Acts on steps refused for a non-finite loss since the last check.
+
+  Returns:
+    The running count of refused steps.
+
+  Raises:
+    FloatingPointError: with `policy == 'stop'`, if there was one.
+  """
+  count = int(jax.device_get(state['nonfinite_steps']))
+  if count == seen:
+    return count
+  where = (f'{count - seen} step(s) between step {since_step + 1} and step '
+           f'{step}')
+  if policy == 'skip':
+    logging.warning('Non-finite loss or gradients in %s: those updates were '
+                    'skipped (%d in this run so far).', where, count)
+    return count
+  raise FloatingPointError(
+      f'Non-finite loss or gradients in {where}. Their updates were not '
+      f'applied and nothing after them was saved; the last checkpoint is '
+      f'step {last_checkpoint}. Stopping, as config.nonfinite_policy is '
+      "'stop': lower optim.base_lr or set optim.grad_clip_norm and resume, "
+      "or set nonfinite_policy='skip' to skip such steps and go on.")
 
 
 def train_and_evaluate(config: Any, workdir: str,
@@ -202,6 +228,11 @@ def train_and_evaluate(config: Any, workdir: str,
     `{'step', 'params', 'eval'}`: the final step, params (as host numpy) and
     the last eval metrics.
   """
+  if config.nonfinite_policy not in NONFINITE_POLICIES:
+    raise ValueError(f'config.nonfinite_policy={config.nonfinite_policy!r}; '
+                     f'expected one of {NONFINITE_POLICIES}.')
+  checkpoints.check_writable(workdir)
+
   # --- Devices, data, model -------------------------------------------------
   mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(mesh, P())
@@ -210,172 +241,91 @@ def train_and_evaluate(config: Any, workdir: str,
     raise ValueError(f'batch_size={config.input.batch_size} must divide by '
                      f'the {jax.device_count()} devices.')
   train_source, num_classes = input_pipeline.get_source(
-      config.dataset, config.train_split, config.get('data_dir'))
+      config.dataset, config.train_split, config.data_dir)
   eval_source, _ = input_pipeline.get_source(
-      config.dataset, config.eval_split, config.get('data_dir'))
-  num_classes = config.get('num_classes') or num_classes
+      config.dataset, config.eval_split, config.data_dir)
+  num_classes = config.num_classes or num_classes
   model = build_model(config, num_classes)
   total_steps, warmup_steps = total_steps_of(config, len(train_source))
+  recipe = recipe_of(config, total_steps, warmup_steps)
+  train_step, eval_step = compiled_steps(model, recipe, mesh)
   logging.info('%d train / %d eval examples, %d classes; %d steps on %d '
                'devices of %d processes.', len(train_source),
                len(eval_source), num_classes, total_steps, jax.device_count(),
                jax.process_count())
 
-  peak_lr = optim.scaled_learning_rate(
-      config.optim.base_lr, config.input.batch_size,
-      config.optim.get('reference_batch', 512))
-  schedule = optim.make_schedule(peak_lr, total_steps, warmup_steps,
-                                 config.optim.get('min_lr', 1e-5),
-                                 config.optim.get('warmup_lr', 1e-6))
-  tx = optim.make_optimizer(schedule, config.optim.weight_decay,
-                            config.optim.get('grad_clip_norm'))
-
   # --- State: init, or restore from the workdir -----------------------------
+  rng = jax.random.key(config.seed)
   image_shape = (1, config.input.image_size, config.input.image_size, 3)
-
-  def init(rng):
-    params = model.init(rng, jnp.zeros(image_shape), train=False)['params']
-    return {'step': jnp.zeros((), jnp.int32), 'params': params,
-            'opt_state': tx.init(params),
-            'rng': jax.random.key_data(jax.random.fold_in(rng, 1))}
-
   # Eager init: its small ops compile once per process and serve later runs
   # in it (tests, sweeps), where a jitted init recompiles for seconds.
-  state = replicate(init(jax.random.key(config.seed)), replicated)
-  # Synchronous saves by default: async ones of two managers raced across
-  # processes in orbax 0.12 (metadata of one process validated too early).
-  use_async = config.get('async_checkpoints', False)
-  checkpoints = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.get('keep_checkpoints', 3), create=True,
-          enable_async_checkpointing=use_async))
-  best = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'best')),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=1, create=True, best_fn=lambda m: m['top1'],
-          best_mode='max', enable_async_checkpointing=use_async))
-  data_position = 0  # steps of data consumed: the stream is a function of it.
-  if checkpoints.latest_step() is not None:
-    restored = checkpoints.restore(
-        checkpoints.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(state),
-            data=ocp.args.JsonRestore()))
-    state, data_position = restored.state, restored.data['data_position']
-    logging.info('Resumed at step %d, data position %d.', int(state['step']),
-                 data_position)
-  elif config.get('init_from'):
+  params = model.init(rng, jnp.zeros(image_shape), train=False)['params']
+  state = replicate(
+      steps.init_state(params, recipe, jax.random.fold_in(rng, 1)),
+      replicated)
+  ckpt = checkpoints.Checkpoints(workdir, config.keep_checkpoints,
+                                 config.async_checkpoints)
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state = restored
+  elif config.init_from:
     params = load_pretrained(config.init_from,
                              jax.device_get(state['params']), model)
-    state = replicate({**state, 'params': params,
-                       'opt_state': tx.init(params)}, replicated)
+    state = replicate(steps.init_state(params, recipe,
+                                       jax.random.fold_in(rng, 1)),
+                      replicated)
   start_step = int(state['step'])
-
-  # --- Steps ----------------------------------------------------------------
-  def train_step(state, batch):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
-                             state['step'])
-    mix_key, drop_key = jax.random.split(key)
-    targets = input_pipeline.smooth_one_hot(batch['label'], num_classes,
-                                            config.label_smoothing)
-    images, targets = input_pipeline.mixup_cutmix(
-        mix_key, batch['image'], targets, config.mixup_alpha,
-        config.cutmix_alpha, config.get('mixup_switch_prob', 0.5))
-
-    def loss_fn(params):
-      logits = model.apply({'params': params}, images, train=True,
-                           rngs={'dropout': drop_key})
-      if isinstance(logits, tuple):  # distilled: no teacher here, same target.
-        logits = (logits[0] + logits[1]) / 2
-      return optax.softmax_cross_entropy(logits.astype(jnp.float32),
-                                         targets).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
-               'lr': schedule(state['step'])}
-    return {'step': state['step'] + 1, 'params': params,
-            'opt_state': opt_state, 'rng': state['rng']}, metrics
-
-  def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['image'], train=False)
-    labels, mask = batch['label'], batch['mask']
-    loss = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), labels)
-    top5 = jax.lax.top_k(logits, min(5, num_classes))[1]
-    return {'loss': jnp.sum(loss * mask),
-            'top1': jnp.sum((top5[:, 0] == labels) * mask),
-            'top5': jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
-            'count': jnp.sum(mask)}
-
-  train_step = jax.jit(train_step, donate_argnums=0,
-                       in_shardings=(replicated, data_sharding),
-                       out_shardings=(replicated, replicated))
-  eval_step = jax.jit(eval_step, in_shardings=(replicated, data_sharding),
-                      out_shardings=replicated)
-
-  def global_batch(local):
-    return {k: jax.make_array_from_process_local_data(data_sharding, v)
-            for k, v in local.items()}
-
-  def evaluate(params):
-    sums = None
-    for batch in input_pipeline.eval_batches(eval_source, config.input):
-      out = eval_step(params, global_batch(batch))
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    sums = jax.device_get(sums)
-    count = max(float(sums.pop('count')), 1.0)
-    return {k: float(v) / count for k, v in sums.items()}
-
-  def save(step, eval_metrics=None):
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                              data=ocp.args.JsonSave({'data_position': step}))
-    checkpoints.save(step, args=args, force=True)
-    checkpoints.wait_until_finished()
-    if eval_metrics is not None:
-      best.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state['params'])),
-                metrics=eval_metrics, force=True)
+  logging.info('Starting at step %d of %d.', start_step, total_steps)
 
   # --- Loop -----------------------------------------------------------------
-  writer = MetricWriter(workdir, total_steps, start_step,
-                        config.get('progress_bar'))
+  writer = metrics_lib.MetricWriter(workdir, total_steps, start_step,
+                                    config.progress_bar)
+  # The data stream is a function of (seed, step): it resumes exactly.
   batches = input_pipeline.train_iterator(
-      train_source, config.input, data_position, total_steps, config.seed)
-  log_every = config.get('log_every_steps', 50)
-  eval_every = config.get('eval_every_steps', 0)
-  ckpt_every = config.get('checkpoint_every_steps', 0)
+      train_source, config.input, start_step, total_steps, config.seed)
   eval_metrics = None
-  last_time, last_step = time.time(), start_step
+  nonfinite_seen, checked_at = int(state['nonfinite_steps']), start_step
+  timer_start, timer_step = time.time(), start_step
   step = start_step
-  while step < total_steps:
-    with jax.profiler.StepTraceAnnotation('train', step_num=step):
-      state, metrics = train_step(state, global_batch(next(batches)))
-    step += 1
-    writer.advance(step)
-    if step % log_every == 0 or step == total_steps:
-      metrics = jax.device_get(metrics)
-      elapsed = time.time() - last_time
-      rate = (step - last_step) / max(elapsed, 1e-9)
-      writer.write(step, {k: float(v) for k, v in metrics.items()} | {
-          'steps_per_sec': rate,
-          'images_per_sec': rate * config.input.batch_size}, 'train')
-      last_time, last_step = time.time(), step
-    is_last = step == total_steps
-    if (eval_every and step % eval_every == 0) or is_last:
-      eval_metrics = evaluate(state['params'])
-      writer.write(step, eval_metrics, 'eval')
-      last_time = time.time()
-    if (ckpt_every and step % ckpt_every == 0) or is_last or (
-        step == stop_at_step):
-      save(step, eval_metrics if (eval_every and step % eval_every == 0)
-           or is_last else None)
-    if stop_at_step is not None and step >= stop_at_step:
-      break
-  checkpoints.wait_until_finished()
-  best.wait_until_finished()
-  writer.close()
+  try:
+    for step, batch in zip(range(start_step + 1, total_steps + 1), batches):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, train_metrics = train_step(state,
+                                          global_batch(batch, data_sharding))
+      writer.advance(step)
+      log = is_time(step, config.log_every_steps, total_steps)
+      evaluate_now = is_time(step, config.eval_every_steps, total_steps)
+      save = (is_time(step, config.checkpoint_every_steps, total_steps)
+              or step == stop_at_step)
+      if log or evaluate_now or save:
+        nonfinite_seen = check_nonfinite(
+            state, nonfinite_seen, checked_at, step, config.nonfinite_policy,
+            ckpt.latest.latest_step())
+        checked_at = step
+      if log:
+        host_metrics = jax.device_get(train_metrics)
+        rate = (step - timer_step) / max(time.time() - timer_start, 1e-9)
+        writer.write(step, {k: float(v) for k, v in host_metrics.items()} | {
+            'steps_per_sec': rate,
+            'images_per_sec': rate * config.input.batch_size}, 'train')
+        timer_start, timer_step = time.time(), step
+      paused = time.time()
+      if evaluate_now:
+        eval_metrics = evaluate(
+            eval_step, state['params'],
+            input_pipeline.eval_batches(eval_source, config.input),
+            data_sharding)
+        writer.write(step, eval_metrics, 'eval')
+      if save:
+        ckpt.save(step, state)
+      if evaluate_now:
+        ckpt.save_best(step, state['params'], eval_metrics)
+      timer_start += time.time() - paused  # the rate counts training only.
+      if step == stop_at_step:
+        break
+  finally:
+    ckpt.close()
+    writer.close()
   return {'step': step, 'params': jax.device_get(state['params']),
           'eval': eval_metrics}
 

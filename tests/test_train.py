@@ -2,22 +2,34 @@
 
 Proves what a user scaling up relies on: the same steps give the same
 params on 1 device, on 4 devices and on two processes of 2 devices each; a
-run stopped mid-way resumes from its workdir to the same params; metrics
-and checkpoints land in the workdir.
+run stopped or killed mid-way resumes from its workdir to the same params,
+falling back past a damaged checkpoint; a non-finite loss never reaches a
+checkpoint; metrics and checkpoints land in the workdir, one row per step.
+
+The in-process runs share one config, so they share its compiled steps
+(`train.compiled_steps`): each costs seconds, not a compile.
 """
 
+import glob
 import json
+import logging
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import checkpoints
+from experiments import input_pipeline
+from experiments import metrics
 from experiments import plot_metrics
 from experiments import train
 import train_worker
@@ -168,7 +180,7 @@ def test_trains_on_a_tfds_dataset(tmp_path):
 @pytest.mark.parametrize('progress_bar', [True, False])
 def test_metric_writer_shows_progress_rate_and_eta(tmp_path, capsys,
                                                    progress_bar):
-  writer = train.MetricWriter(str(tmp_path), total_steps=8, start_step=2,
+  writer = metrics.MetricWriter(str(tmp_path), total_steps=8, start_step=2,
                               progress_bar=progress_bar)
   writer.advance(4)
   writer.write(4, {'loss': 0.5, 'steps_per_sec': 2.0}, 'train')
@@ -182,3 +194,254 @@ def test_metric_writer_shows_progress_rate_and_eta(tmp_path, capsys,
     assert err == ''
   record = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[0])
   assert record == {'step': 4, 'train/loss': 0.5, 'train/steps_per_sec': 2.0}
+
+
+def test_drop_rows_after_keeps_each_step_once(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "eval/top1": '
+                  '0.5}\n{"step": 3, "train/loss": 1.0}\n{"step": 4, "tr')
+  assert metrics.drop_rows_after(str(path), 2) == 2  # step 3, the cut line.
+  assert [json.loads(l)['step'] for l in path.read_text().splitlines()] == [
+      1, 2]
+  assert metrics.drop_rows_after(str(path), 2) == 0
+  assert metrics.drop_rows_after(str(tmp_path / 'none.jsonl'), 0) == 0
+
+
+# --- Resume: kills, damaged checkpoints, non-finite losses --------------------
+
+
+def rows_by_step(workdir):
+  """`{prefix: [steps]}` of a workdir's metrics.jsonl, in file order."""
+  out = {}
+  for line in (pathlib.Path(workdir) / 'metrics.jsonl').read_text(
+      ).splitlines():
+    record = json.loads(line)
+    prefix = next(k for k in record if k != 'step').split('/')[0]
+    out.setdefault(prefix, []).append(record['step'])
+  return out
+
+
+def interrupted_iterator(monkeypatch, at_step=None, nan_steps=()):
+  """Makes the train iterator die before step `at_step` (a kill) or hand
+  out all-NaN images at `nan_steps`."""
+  real = input_pipeline.train_iterator
+
+  def iterator(source, config, start_step, num_steps, seed):
+    batches = real(source, config, start_step, num_steps, seed)
+    for step, batch in zip(range(start_step + 1, num_steps + 1), batches):
+      if step == at_step:
+        raise KeyboardInterrupt(f'killed before step {step}')
+      if step in nan_steps:
+        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
+      yield batch
+
+  monkeypatch.setattr(input_pipeline, 'train_iterator', iterator)
+
+
+def test_killed_run_resumes_exactly_and_logs_each_step_once(
+    four_device_run, image_folder, tmp_path, monkeypatch):
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  with monkeypatch.context() as patch:
+    interrupted_iterator(patch, at_step=4)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(tmp_path))
+  # Step 3 was logged, but the last checkpoint is step 2: it is replayed.
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  assert rows_by_step(tmp_path)['train'] == [1, 2, 3]
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  assert rows_by_step(tmp_path) == {'train': [1, 2, 3, 4], 'eval': [2, 4]}
+  assert_same_params(train_worker.flat_params(resumed['params']),
+                     four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(scope='module')
+def stopped_at_3(image_folder, tmp_path_factory):
+  """A run stopped at step 3: checkpoints 2 and 3, metrics up to 3."""
+  workdir = tmp_path_factory.mktemp('stopped_at_3')
+  train.train_and_evaluate(train_worker.tiny_config(f'folder:{image_folder}'),
+                           str(workdir), stop_at_step=3)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
+  return workdir
+
+
+def largest_file(folder):
+  files = [f for f in glob.glob(f'{folder}/**', recursive=True)
+           if os.path.isfile(f) and checkpoints.CHECKSUMS not in f]
+  return max(files, key=os.path.getsize)
+
+
+def flip_32_bytes(step_dir):
+  path = largest_file(step_dir)
+  data = bytearray(pathlib.Path(path).read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + 32] = bytes(b ^ 0xFF for b in data[middle:middle + 32])
+  pathlib.Path(path).write_bytes(bytes(data))
+
+
+def truncate(step_dir):
+  path = largest_file(step_dir)
+  os.truncate(path, os.path.getsize(path) // 2)
+
+
+def remove_metadata(step_dir):
+  os.remove(step_dir / 'state' / '_METADATA')
+
+
+def garble_metadata(step_dir):
+  (step_dir / 'state' / '_METADATA').write_text('{"tree_metadata": {"par')
+
+
+def empty_folder(step_dir):
+  shutil.rmtree(step_dir)
+  step_dir.mkdir()
+
+
+def garble_metadata_without_sums(step_dir):
+  """Damage without sums to see it: the restore itself must fail."""
+  os.remove(step_dir / checkpoints.CHECKSUMS)
+  garble_metadata(step_dir)
+
+
+def nan_with_valid_sums(step_dir):
+  """A NaN state that checks out, as a run without the guard saved one."""
+  manager = ocp.CheckpointManager(step_dir.parent)
+  step = int(step_dir.name)
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(), data=ocp.args.JsonRestore()))
+  state = dict(restored.state)
+  state['params'] = jax.tree.map(lambda x: x * np.nan, state['params'])
+  manager.delete(step)
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave(restored.data)), force=True)
+  manager.wait_until_finished()
+  manager.close()
+  checkpoints.write_checksums(str(step_dir))
+
+
+DAMAGE = {'flipped_32_bytes': (flip_32_bytes, 'differs from its checksum'),
+          'truncated_file': (truncate, 'differs from its checksum'),
+          'missing_METADATA': (remove_metadata, '_METADATA is missing'),
+          'garbled_metadata': (garble_metadata, 'differs from its checksum'),
+          'empty_step_folder': (empty_folder, 'the step folder is empty'),
+          'garbled_metadata_without_sums': (garble_metadata_without_sums,
+                                            'orbax cannot restore it'),
+          'nan_with_valid_sums': (nan_with_valid_sums, 'non-finite values')}
+
+
+@pytest.mark.parametrize('damage', list(DAMAGE))
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
+    damage, stopped_at_3, four_device_run, image_folder, tmp_path, caplog):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(stopped_at_3, workdir)
+  damage_fn, reason = DAMAGE[damage]
+  damage_fn(workdir / 'checkpoints' / '3')
+  with caplog.at_level(logging.WARNING):
+    out = train.train_and_evaluate(
+        train_worker.tiny_config(f'folder:{image_folder}'), str(workdir))
+  skipped = [r.getMessage() for r in caplog.records
+             if 'Skipping checkpoint 3' in r.getMessage()]
+  assert skipped and reason in skipped[0], caplog.text
+  assert 'Resumed from checkpoint 2' in caplog.text
+  # Resumed from step 2 exactly; the damaged step is kept aside, not reused.
+  assert out['step'] == 4
+  assert_same_params(train_worker.flat_params(out['params']),
+                     four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  rejected = os.listdir(workdir / 'rejected_checkpoints')
+  assert any(name.startswith('3-') and not name.endswith('.txt')
+             for name in rejected)
+  assert rows_by_step(workdir) == {'train': [1, 2, 3, 4], 'eval': [2, 4]}
+
+
+def test_no_checkpoint_restores_stops_with_every_reason(
+    stopped_at_3, image_folder, tmp_path):
+  workdir = tmp_path / 'wd'
+  shutil.copytree(stopped_at_3, workdir)
+  flip_32_bytes(workdir / 'checkpoints' / '3')
+  empty_folder(workdir / 'checkpoints' / '2')
+  with pytest.raises(checkpoints.DamagedCheckpointError,
+                     match=r'No checkpoint .* restores: step 3: .*differs.*; '
+                     r'step 2: the step folder is empty.*Move the folder away'):
+    train.train_and_evaluate(
+        train_worker.tiny_config(f'folder:{image_folder}'), str(workdir))
+  # Nothing was moved or overwritten: the user decides.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
+  assert not (workdir / 'rejected_checkpoints').exists()
+
+
+def test_saved_checkpoints_carry_sums_that_verify(stopped_at_3):
+  for step in ('2', '3'):
+    assert checkpoints.verify_checksums(
+        str(stopped_at_3 / 'checkpoints' / step))
+  (best,) = os.listdir(stopped_at_3 / 'best')
+  assert checkpoints.verify_checksums(str(stopped_at_3 / 'best' / best))
+
+
+def test_nonfinite_loss_stops_the_run_before_anything_is_saved(
+    image_folder, tmp_path, monkeypatch):
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  assert config.nonfinite_policy == 'stop'
+  interrupted_iterator(monkeypatch, nan_steps=(3,))
+  with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradients '
+                     r'in 1 step\(s\) between step 3 and step 3.*last '
+                     r'checkpoint is step 2'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
+  assert os.listdir(tmp_path / 'best') == ['2']
+
+
+def test_nonfinite_loss_skip_policy_skips_the_update_and_counts_it(
+    image_folder, tmp_path, monkeypatch):
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  before = train.train_and_evaluate(config, str(tmp_path / 'clean'),
+                                    stop_at_step=2)
+  config.nonfinite_policy = 'skip'
+  interrupted_iterator(monkeypatch, nan_steps=(3,))
+  skipped = train.train_and_evaluate(config, str(tmp_path / 'wd'),
+                                     stop_at_step=3)
+  # Step 3 changed nothing: its params are step 2's, bit for bit.
+  assert_same_params(train_worker.flat_params(skipped['params']),
+                     before['params'], rtol=0, atol=0)
+  out = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  assert out['step'] == 4 and np.isfinite(out['eval']['loss'])
+  records = [json.loads(line) for line in
+             (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]
+  counts = {r['step']: r['train/nonfinite_steps'] for r in records
+            if 'train/loss' in r}
+  assert counts == {1: 0, 2: 0, 3: 1, 4: 1}
+  assert all(not checkpoints.nonfinite_leaves(train_worker.flat_params(
+      out['params'])) for _ in [0])
+
+
+def test_unwritable_workdir_fails_before_reading_data(tmp_path, monkeypatch,
+                                                       image_folder):
+  monkeypatch.setattr(input_pipeline, 'get_source', lambda *args: pytest.fail(
+      'read the data before checking the workdir'))
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('')
+  with pytest.raises(ValueError, match='is not writable'):
+    train.train_and_evaluate(
+        train_worker.tiny_config(f'folder:{image_folder}'),
+        str(blocker / 'workdir'))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root writes anywhere')
+def test_read_only_workdir_fails_before_reading_data(tmp_path, monkeypatch,
+                                                      image_folder):
+  monkeypatch.setattr(input_pipeline, 'get_source', lambda *args: pytest.fail(
+      'read the data before checking the workdir'))
+  tmp_path.chmod(0o555)
+  try:
+    with pytest.raises(ValueError, match='is not writable'):
+      train.train_and_evaluate(
+          train_worker.tiny_config(f'folder:{image_folder}'), str(tmp_path))
+  finally:
+    tmp_path.chmod(0o755)
+
+
+def test_config_rejects_an_unknown_nonfinite_policy(tmp_path, image_folder):
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  config.nonfinite_policy = 'ignore'
+  with pytest.raises(ValueError, match="nonfinite_policy='ignore'"):
+    train.train_and_evaluate(config, str(tmp_path))

@@ -67,6 +67,10 @@ def deit_recipe() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3
   config.async_checkpoints = False       # True: save while training goes on.
+  # A step whose loss or gradients are not finite is never applied; 'stop'
+  # ends the run at the next log/eval/save step, 'skip' goes on and counts
+  # them (train/nonfinite_steps).
+  config.nonfinite_policy = 'stop'
   return config
 
 
