@@ -1,4 +1,4 @@
-"""Converts the release's PyTorch DeiT-iRPE checkpoints to Flax and back.
+"""Converts the release's PyTorch DeiT- and DETR-iRPE checkpoints to Flax and back.
 
 Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
 `params['blocks_3']['attn']['rpe_k']['lookup_table_weight']`. Layouts:
@@ -8,7 +8,17 @@ Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
 | Linear `weight (O, I)` | Dense `kernel (I, O)` (transposed) |
 | Conv2d `weight (O, I, kh, kw)` | Conv `kernel (kh, kw, I, O)` |
 | LayerNorm `weight (C,)` | LayerNorm `scale (C,)` |
+| MultiheadAttention (`self_attn`, `multihead_attn`) `in_proj_weight (3C, C)`, `in_proj_bias`, `out_proj` | `qkv/kernel (C, 3C)`, `qkv/bias`, `proj` |
+| Embedding (`query_embed`) `weight (N, C)` | `embedding (N, C)` |
+| batch norm `running_mean`, `running_var` | `mean`, `var` |
 | iRPE `lookup_table_*`, `cls_token`, `pos_embed`, biases | unchanged |
+
+A state dict has one namespace; a model may hold several collections (DETR
+keeps its frozen batch norm in 'batch_stats'). Given a model, each tensor
+goes to the collection that holds its path, and the whole variables dict is
+returned. A torchvision ResNet state dict (`conv1.weight`, `layer1.0...`,
+`fc.*`) given with a DETR loads into the model's backbone only, without
+`fc` and `num_batches_tracked`, as the release starts training.
 
 Two names that map to one Flax param, or a name that would be both a param
 and a module, are errors. Reading a `.pth` needs no torch and runs no code
@@ -41,6 +51,21 @@ from irpe_jax.models import params as params_lib
 
 Params = Dict[str, Any]
 _BLOCK_INDEX = re.compile(r'^(.+)_(\d+)$')
+# Collections a state dict may fill, besides 'params'.
+_COLLECTIONS = ('params', 'batch_stats')
+# torch.nn.MultiheadAttention (DETR names its attentions so) packs q, k and v
+# in `in_proj_*`; Flax holds them as a `qkv` Dense, as IRPEAttention does.
+_MHA_MODULES = ('self_attn', 'multihead_attn')
+_MHA_TO_FLAX = {'in_proj_weight': ('qkv', 'weight'),
+                'in_proj_bias': ('qkv', 'bias')}
+# nn.Embedding weights: `(N, C)` as they are, unlike a Linear's.
+_EMBEDDINGS = ('query_embed',)
+_BUFFERS_TO_FLAX = {'running_mean': 'mean', 'running_var': 'var'}
+_LEAF_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'mean': 'running_mean',
+                  'var': 'running_var'}
+# Top-level names of a torchvision ResNet state dict.
+_TORCHVISION_RESNET = ('conv1', 'bn1', 'layer1', 'layer2', 'layer3', 'layer4',
+                       'fc')
 # Flax kernel axes -> PyTorch weight axes, by number of dimensions.
 _TO_TORCH_AXES = {2: (1, 0), 4: (3, 2, 0, 1)}
 _TO_FLAX_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}
@@ -79,13 +104,34 @@ def _leaf_to_torch(name: str, value: Any) -> Tuple[str, Any]:
   return name, value
 
 
+def _rename_to_flax(path: Tuple[str, ...]) -> Tuple[str, ...]:
+  """MultiheadAttention, Embedding and batch-norm names -> Flax's."""
+  *parents, leaf = path
+  if parents and parents[-1] in _MHA_MODULES and leaf in _MHA_TO_FLAX:
+    return (*parents, *_MHA_TO_FLAX[leaf])
+  if len(parents) > 1 and parents[-2] in _MHA_MODULES and (
+      parents[-1] == 'out_proj'):
+    parents[-1] = 'proj'
+  if parents and parents[-1] in _EMBEDDINGS and leaf == 'weight':
+    return (*parents, 'embedding')
+  return (*parents, _BUFFERS_TO_FLAX.get(leaf, leaf))
+
+
 def _torch_name(path: Sequence[str]) -> str:
   """The release's tensor name of a Flax param path."""
+  *parents, leaf = path
+  leaf = _LEAF_TO_TORCH.get(leaf, leaf)
+  if len(parents) > 1 and parents[-2] in _MHA_MODULES:
+    if parents[-1] == 'qkv':
+      parents, leaf = parents[:-1], f'in_proj_{leaf}'
+    elif parents[-1] == 'proj':
+      parents[-1] = 'out_proj'
+  if parents and parents[-1] in _EMBEDDINGS and leaf == 'embedding':
+    leaf = 'weight'
   names = []
-  for part in path[:-1]:
+  for part in parents:
     match = _BLOCK_INDEX.match(part)
     names.extend(match.groups() if match else (part,))
-  leaf = {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])
   return '.'.join(names + [leaf])
 
 
@@ -140,13 +186,17 @@ def torch_to_flax(state_dict: Mapping[str, Any],
   Args:
     state_dict: tensor name -> array (numpy, or anything `np.asarray`
       takes; `jax.ShapeDtypeStruct`s pass through), as `model.state_dict()`
-      of the release.
+      of the release, or torchvision's ResNet for a DETR `expected`.
     expected: optional model, or the params it expects (arrays or
-      `jax.ShapeDtypeStruct`s, e.g. `models.expected_params(model)`), to
-      check names and shapes against and take dtypes from.
+      `jax.ShapeDtypeStruct`s, e.g. `models.expected_params(model)`), or
+      its variables (`{'params': ..., 'batch_stats': ...}`), to check names
+      and shapes against and take dtypes from.
 
   Returns:
-    The nested `params` dict for `model.apply({'params': params}, ...)`.
+    The nested `params` dict for `model.apply({'params': params}, ...)`;
+    given a model with more collections than 'params' (DETR), or its
+    variables, the variables dict `{'params': ..., 'batch_stats': ...}`
+    (for a torchvision ResNet: the backbone's part of it only).
 
   Raises:
     ValueError: if two names map to one Flax param, or one name maps to a
@@ -157,20 +207,75 @@ def torch_to_flax(state_dict: Mapping[str, Any],
   if not isinstance(state_dict, Mapping):
     raise TypeError(f'state_dict must be a mapping of tensor names to arrays, '
                     f'got {type(state_dict).__name__}.')
+  prefix = ()
+  if _is_torchvision_resnet(state_dict) and isinstance(expected, nn.Module):
+    prefix = tuple(getattr(expected, 'backbone_path', ()))
+  if prefix:  # What DETR's FrozenBatchNorm2d and IntermediateLayerGetter drop.
+    state_dict = {k: v for k, v in state_dict.items()
+                  if k.split('.')[0] != 'fc'
+                  and not k.endswith('num_batches_tracked')}
   flat, sources = {}, {}
   for name, value in state_dict.items():
     if not isinstance(value, jax.ShapeDtypeStruct):
       value = np.asarray(value)
-    path = _flax_path(name)
+    path = _rename_to_flax(_flax_path(name))
     leaf, value = _leaf_to_flax(path[-1], value)
-    path = path[:-1] + (leaf,)
+    path = prefix + path[:-1] + (leaf,)
     sources.setdefault(path, []).append(name)
     flat[path] = value
   _check_one_to_one(sources, 'Flax param')
-  params = flax.traverse_util.unflatten_dict(flat)
-  if expected is not None:
-    params = params_lib.check_params(params, expected, describe=_as_torch)
-  return params
+  if expected is None:
+    return flax.traverse_util.unflatten_dict(flat)
+  return _check_against(flat, expected, prefix)
+
+
+def _is_variables(tree: Any) -> bool:
+  """Whether `tree` is `{'params': ..., 'batch_stats': ...}`, not params."""
+  return (isinstance(tree, Mapping) and 'params' in tree
+          and set(tree) <= set(_COLLECTIONS))
+
+
+def _is_torchvision_resnet(state_dict: Mapping[str, Any]) -> bool:
+  return 'conv1.weight' in state_dict and all(
+      isinstance(k, str) and k.split('.')[0] in _TORCHVISION_RESNET
+      for k in state_dict)
+
+
+def _check_against(flat: Dict[Tuple[str, ...], Any], expected: Any,
+                   prefix: Tuple[str, ...]) -> Params:
+  """Checks converted tensors against a model and sorts them into its collections.
+
+  Args:
+    flat: Flax path -> value, all collections in one namespace.
+    expected: a model, its params or its variables.
+    prefix: checks only the part of the model under this path (a backbone);
+      errors then name tensors without it, as its file does.
+  """
+  if isinstance(expected, nn.Module):
+    expected = params_lib.expected_variables(expected)
+  expected = flax.core.unfreeze(expected)
+  if not _is_variables(expected):
+    expected = {'params': expected}
+  want = {(c,) + p: v for c, tree in expected.items()
+          for p, v in flax.traverse_util.flatten_dict(tree).items()
+          if p[:len(prefix)] == prefix}
+  owner = {p[1:]: p[0] for p in want}
+  got = {(owner.get(p, 'params'),) + p: v for p, v in flat.items()}
+  strip = len(_torch_name(prefix + ('_',))) - 1 if prefix else 0
+
+  def describe(path, shape):
+    name, shape = _as_torch(path[1:], shape)
+    return name[strip:], shape
+
+  if set(expected) == {'params'}:  # Named by Flax path: params only.
+    unwrap = lambda t: flax.traverse_util.unflatten_dict(
+        {p[1:]: v for p, v in t.items()})
+    return params_lib.check_params(
+        unwrap(got), unwrap(want),
+        describe=lambda path, shape: describe(('params',) + path, shape))
+  return params_lib.check_params(
+      flax.traverse_util.unflatten_dict(got),
+      flax.traverse_util.unflatten_dict(want), describe=describe)
 
 
 def flax_to_torch(params: Params) -> Dict[str, Any]:
@@ -178,7 +283,9 @@ def flax_to_torch(params: Params) -> Dict[str, Any]:
 
   Args:
     params: the `params` collection (a `{'params': ...}` wrapper is
-      accepted too). Leaves may be arrays or `jax.ShapeDtypeStruct`s.
+      accepted too), or a model's variables `{'params': ...,
+      'batch_stats': ...}`, whose collections share the state dict.
+      Leaves may be arrays or `jax.ShapeDtypeStruct`s.
 
   Returns:
     Tensor name -> numpy array (or `ShapeDtypeStruct`), in PyTorch layout;
@@ -189,10 +296,13 @@ def flax_to_torch(params: Params) -> Dict[str, Any]:
       (`norm/scale` and `norm/weight`, or `blocks_0` and `blocks/0`).
   """
   params = flax.core.unfreeze(params)
-  if set(params) == {'params'}:
-    params = params['params']
+  if _is_variables(params):
+    flat = {p: v for c in params
+            for p, v in flax.traverse_util.flatten_dict(params[c]).items()}
+  else:
+    flat = flax.traverse_util.flatten_dict(params)
   out, sources = {}, {}
-  for path, value in flax.traverse_util.flatten_dict(params).items():
+  for path, value in flat.items():
     _, value = _leaf_to_torch(path[-1], value)
     if not isinstance(value, jax.ShapeDtypeStruct):
       value = np.asarray(value)
@@ -288,7 +398,8 @@ def load_torch_checkpoint(path: str, model: Optional[nn.Module] = None,
 
   Args:
     path: a checkpoint of the release (`torch.save({'model': state_dict})`,
-      or a bare state dict) or an `.npz` state dict.
+      or a bare state dict) or an `.npz` state dict; for a DETR also
+      torchvision's ResNet ImageNet weights.
     model: checks names and shapes against this model (its `img_size` sets
       the expected `pos_embed`).
     expected: or against these params (arrays or `ShapeDtypeStruct`s).
@@ -296,7 +407,10 @@ def load_torch_checkpoint(path: str, model: Optional[nn.Module] = None,
       the file's size).
 
   Returns:
-    The `params` tree, complete or not at all.
+    The `params` tree, complete or not at all; for a DETR its variables
+    `{'params': ..., 'batch_stats': ...}` (frozen batch norm included), or
+    for torchvision's ResNet the backbone's part of them (see
+    `irpe_jax.models.detr.init_variables`).
 
   Raises:
     ValueError: see `read_state_dict` and `torch_to_flax`.

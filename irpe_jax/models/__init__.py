@@ -1,13 +1,17 @@
-"""DeiT models with iRPE, their registry, their params and the NNX bridge.
+"""DeiT and DETR models with iRPE, their registry, their params and the NNX bridge.
 
     >>> from irpe_jax import models
     >>> model = models.create_model('deit_tiny_patch16_224_ctx_product_50_shared_k')
     >>> models.list_models('*_shared_qkv')
+    >>> detr = models.DETR(enc_rpe2d='rpe-2.0-product-ctx-1-k')
 """
 
+from irpe_jax.models.detr import DETR
+from irpe_jax.models.detr_postprocess import post_process
 from irpe_jax.models.nnx_bridge import to_nnx
 from irpe_jax.models.params import check_params
 from irpe_jax.models.params import expected_params
+from irpe_jax.models.params import expected_variables
 from irpe_jax.models.registry import create_model
 from irpe_jax.models.registry import list_models
 from irpe_jax.models.registry import model_kwargs
@@ -19,9 +23,12 @@ from irpe_jax.models.vit import VisionTransformer
 __all__ = (
     'check_params',
     'create_model',
+    'DETR',
     'expected_params',
+    'expected_variables',
     'list_models',
     'model_kwargs',
+    'post_process',
     'PRETRAINED',
     'RELEASED',
     'resample_posemb',

@@ -14,53 +14,69 @@ trained in Linen) load as they are:
 
 Attention weights are available as with Linen: call with
 `mutable=['intermediates']`.
+
+A DETR goes the same way, with its variables (the frozen batch norm becomes
+`nnx.BatchStat`): `models.to_nnx(detr_model, variables)(images, pixel_mask)`.
 """
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from irpe_jax.models import detr
 from irpe_jax.models import params as params_lib
 from irpe_jax.models import vit
 
+# Linen collections and the NNX variable types the bridge makes of them.
+_VARIABLE_TYPES = {'params': nnx.Param, 'batch_stats': nnx.BatchStat}
 
-def to_nnx(model: vit.VisionTransformer, params: Optional[Any] = None, *,
+
+def to_nnx(model: Union[vit.VisionTransformer, detr.DETR],
+           params: Optional[Any] = None, *,
            rngs: Optional[nnx.Rngs] = None) -> nnx.bridge.ToNNX:
-  """Wraps a Linen `VisionTransformer` as an initialised NNX module.
+  """Wraps a Linen `VisionTransformer` or `DETR` as an initialised NNX module.
 
   Args:
     model: the Linen model (from `create_model` or built directly).
-    params: the Linen `params` tree to load; freshly initialised from
+    params: the Linen `params` tree to load (for a DETR its variables,
+      `{'params': ..., 'batch_stats': ...}`); freshly initialised from
       `rngs` when None.
     rngs: `nnx.Rngs` with 'params' and 'dropout' streams; default
       `nnx.Rngs(params=0, dropout=1)`.
 
   Returns:
-    An `nnx.bridge.ToNNX` module: call it as `module(images, train=False)`.
+    An `nnx.bridge.ToNNX` module: call it as the Linen model's `apply`,
+    `module(images, train=False)` or `module(images, pixel_mask)`.
 
   Raises:
     ValueError: listing missing, unexpected and wrongly shaped params, if
       `params` does not fit the model.
   """
-  if not isinstance(model, vit.VisionTransformer):
-    raise TypeError(f'model must be a VisionTransformer, got '
+  if not isinstance(model, (vit.VisionTransformer, detr.DETR)):
+    raise TypeError(f'model must be a VisionTransformer or a DETR, got '
                     f'{type(model).__name__}.')
   rngs = rngs if rngs is not None else nnx.Rngs(params=0, dropout=1)
-  size = model.img_size
-  rows, cols = (size, size) if isinstance(size, int) else size
-  images = jnp.zeros((1, rows, cols, model.in_chans), jnp.float32)
+  inputs = [jnp.zeros(x.shape, x.dtype)
+            for x in params_lib.example_inputs(model)]
   if params is None:
-    return nnx.bridge.ToNNX(model, rngs=rngs).lazy_init(images)
+    return nnx.bridge.ToNNX(model, rngs=rngs).lazy_init(*inputs)
   # Given params, only the structure is built (no real init) and filled.
   module = nnx.eval_shape(
-      lambda: nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0)).lazy_init(images))
+      lambda: nnx.bridge.ToNNX(model, rngs=nnx.Rngs(0)).lazy_init(*inputs))
   module.to_nnx__rngs = rngs.fork()
-  state = nnx.state(module, nnx.Param)
+  states = {c: nnx.state(module, t) for c, t in _VARIABLE_TYPES.items()}
+  expected = {c: nnx.to_pure_dict(s) for c, s in states.items()
+              if jax.tree.leaves(s)}
   # Checked whole first (replace_by_pure_dict would leave a missing param
   # abstract): raises listing every mismatch.
-  params = params_lib.check_params(params, nnx.to_pure_dict(state))
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  nnx.update(module, state)
+  if set(expected) == {'params'}:
+    variables = {'params': params_lib.check_params(params, expected['params'])}
+  else:
+    variables = params_lib.check_params(params, expected)
+  for collection, values in variables.items():
+    nnx.replace_by_pure_dict(states[collection],
+                             jax.tree.map(jnp.asarray, values))
+    nnx.update(module, states[collection])
   return module

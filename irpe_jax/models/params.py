@@ -22,22 +22,46 @@ Shape = Tuple[int, ...]
 Describe = Callable[[Path, Shape], Tuple[str, Shape]]
 
 
+def example_inputs(model: nn.Module) -> Tuple[jax.ShapeDtypeStruct, ...]:
+  """Shapes of inputs that `model.init` takes.
+
+  The model's own `example_inputs()` (DETR: a small padded batch), else a
+  `VisionTransformer`'s images at its `img_size`.
+  """
+  own = getattr(model, 'example_inputs', None)
+  if callable(own):
+    return tuple(own())
+  size = model.img_size
+  rows, cols = (size, size) if isinstance(size, int) else size
+  return (jax.ShapeDtypeStruct((1, rows, cols, model.in_chans), jnp.float32),)
+
+
+def expected_variables(model: nn.Module) -> Dict[str, Params]:
+  """Every collection of a model, as `jax.ShapeDtypeStruct`s.
+
+  Nothing is initialised or allocated (`jax.eval_shape`).
+
+  Returns:
+    `{'params': ...}`, plus 'batch_stats' for DETR's frozen batch norm.
+  """
+  variables = jax.eval_shape(model.init, jax.random.key(0),
+                             *example_inputs(model))
+  return flax.core.unfreeze(variables)
+
+
 def expected_params(model: nn.Module) -> Params:
-  """The params of a `VisionTransformer`, as `jax.ShapeDtypeStruct`s.
+  """The params of a model, as `jax.ShapeDtypeStruct`s.
 
   Nothing is initialised or allocated (`jax.eval_shape`).
 
   Args:
-    model: a `VisionTransformer` (its `img_size` sets the `pos_embed` grid).
+    model: a `VisionTransformer` (its `img_size` sets the `pos_embed` grid)
+      or a DETR.
 
   Returns:
     The nested `params` dict, with a `ShapeDtypeStruct` per leaf.
   """
-  size = model.img_size
-  rows, cols = (size, size) if isinstance(size, int) else size
-  images = jax.ShapeDtypeStruct((1, rows, cols, model.in_chans), jnp.float32)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
-  return flax.core.unfreeze(variables['params'])
+  return expected_variables(model)['params']
 
 
 def flax_name(path: Path, shape: Shape) -> Tuple[str, Shape]:
@@ -60,8 +84,9 @@ def check_params(params: Mapping[str, Any],
   Args:
     params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct`s); a
       `{'params': ...}` wrapper is accepted too.
-    expected: a model (see `expected_params`), or the params it expects
-      (arrays or `jax.ShapeDtypeStruct`s).
+    expected: a model (see `expected_params`; a model with several
+      collections, DETR, is compared on its whole variables), or the params
+      (or variables) it expects (arrays or `jax.ShapeDtypeStruct`s).
     describe: how errors name a param, `(path, shape) -> (name, shape)`;
       by default its Flax path and shape. A converter passes the names and
       layout of its file format.
@@ -76,7 +101,9 @@ def check_params(params: Mapping[str, Any],
       differs), if `params` does not fit.
   """
   if isinstance(expected, nn.Module):
-    expected = expected_params(expected)
+    expected = expected_variables(expected)
+    if set(expected) == {'params'}:
+      expected = expected['params']
   want = _flatten(expected, 'expected')
   if (isinstance(params, Mapping) and set(params) == {'params'}
       and not any(path[0] == 'params' for path in want)):
