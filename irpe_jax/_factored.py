@@ -65,12 +65,15 @@ def _masks(classes: np.ndarray, num_classes: int, dtype, transpose: bool,
   `(L, n)` with a unit axis after or before the class axis `n`, or with
   `transpose` `(n, L)`: the query axis stays where the input has it.
   """
-  masks = onehot(classes, num_classes, dtype)  # (P, L, n)
   if transpose:
-    masks = jnp.moveaxis(masks, -1, 1)  # (P, n, L)
+    masks = jnp.moveaxis(onehot(classes, num_classes, dtype), -1, 1)
+    per_key = [masks[p] for p in range(classes.shape[0])]  # (n, L)
+  else:
+    masks = onehot(classes.T, num_classes, dtype)  # (L, P, n)
+    per_key = [masks[:, p] for p in range(classes.shape[0])]  # (L, n)
   class_axis = 0 if transpose else 1
   axis = class_axis + 1 if unit_after_class else class_axis
-  return [jnp.expand_dims(masks[p], axis) for p in range(classes.shape[0])]
+  return [jnp.expand_dims(mask, axis) for mask in per_key]
 
 
 def _class_pair_sums(x: jax.Array, geometry: BucketGeometry, transpose: bool

@@ -169,8 +169,8 @@ class BucketGeometry:
   column offset, and likewise for columns. 'product' has one class per
   distinct `g(dr)` and per `g(dc)`, each class pair its own bucket;
   'cross_rows' has one column class, 'cross_cols' one row class; 'euc' and
-  'quant' have classes of `|dr|` and `|dc|`, and several class pairs share
-  a bucket. Every pair that touches one of the `skip` leading tokens falls
+  'quant' group `|dr|` and `|dc|` (far offsets, which saturate, share a
+  class), and several class pairs share a bucket. Every pair that touches one of the `skip` leading tokens falls
   in the last bucket, `num_buckets - 1`.
 
   Instances are cached per argument tuple, read-only, and hashable (by
@@ -191,6 +191,7 @@ class BucketGeometry:
       in `[0, num_col_classes)`.
     pair_buckets: `(num_row_classes, num_col_classes)` int32 bucket of each
       class pair.
+    key: the canonical arguments it was built from; its identity.
   """
   method: str
   height: int
@@ -201,7 +202,6 @@ class BucketGeometry:
   row_class: np.ndarray = dataclasses.field(repr=False)
   col_class: np.ndarray = dataclasses.field(repr=False)
   pair_buckets: np.ndarray = dataclasses.field(repr=False)
-  # The arguments the geometry was built from: its identity.
   key: tuple = dataclasses.field(repr=False)
 
   def __hash__(self):
