@@ -23,8 +23,8 @@ PANELS = (('train/loss', 'training loss'), ('eval/top1', 'eval top-1'),
 def read_metrics(workdir: str) -> Dict[str, List[List[float]]]:
   """`{metric: [steps, values]}` of a workdir's metrics.jsonl.
 
-  A resumed run appends to the file; a later record of a step replaces an
-  earlier one.
+  A resumed run first drops the rows past its checkpoint, so each step has
+  one row; should a file still hold two, the later one wins.
   """
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):

@@ -111,6 +111,9 @@ def load_pretrained(path: str, params: Any, model: Any) -> Any:
   Returns:
     `params` with every tensor but the heads taken from the checkpoint, the
     absolute position embedding resampled to the model's grid.
+
+  Raises:
+    ValueError: a tensor is missing, has the wrong shape or is not finite.
   """
   loaded = flax.traverse_util.flatten_dict(convert.load_params(path))
   fresh = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
@@ -129,7 +132,12 @@ def load_pretrained(path: str, params: Any, model: Any) -> Any:
       raise ValueError(f'{"/".join(key)} of {path} has shape {new.shape}, '
                        f'the model needs {value.shape}.')
     fresh[key] = new
-  return flax.traverse_util.unflatten_dict(fresh)
+  params = flax.traverse_util.unflatten_dict(fresh)
+  bad = checkpoints.nonfinite_leaves(params)
+  if bad:
+    raise ValueError(f'{path} holds non-finite values in {bad[:3]}: a model '
+                     'to fine-tune must be finite.')
+  return params
 
 
 def replicate(tree: Any, sharding: NamedSharding) -> Any:

@@ -410,8 +410,9 @@ def test_nonfinite_loss_skip_policy_skips_the_update_and_counts_it(
   counts = {r['step']: r['train/nonfinite_steps'] for r in records
             if 'train/loss' in r}
   assert counts == {1: 0, 2: 0, 3: 1, 4: 1}
-  assert all(not checkpoints.nonfinite_leaves(train_worker.flat_params(
-      out['params'])) for _ in [0])
+  assert np.isnan([r['train/loss'] for r in records
+                   if r['step'] == 3 and 'train/loss' in r][0])
+  assert not checkpoints.nonfinite_leaves(out['params'])
 
 
 def test_unwritable_workdir_fails_before_reading_data(tmp_path, monkeypatch,
@@ -445,3 +446,35 @@ def test_config_rejects_an_unknown_nonfinite_policy(tmp_path, image_folder):
   config.nonfinite_policy = 'ignore'
   with pytest.raises(ValueError, match="nonfinite_policy='ignore'"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_checkpoints_refuse_nonfinite_states_and_best_models(tmp_path):
+  store = checkpoints.Checkpoints(str(tmp_path), keep=1, async_save=False)
+  good = {'step': np.int32(1), 'params': {'w': np.ones(3, np.float32)}}
+  store.save(1, good)
+  bad = {'step': np.int32(2), 'params': {'w': np.array([1, np.inf, 0],
+                                                       np.float32)}}
+  with pytest.raises(FloatingPointError, match='Refusing to save step 2: '
+                     'non-finite values in params/w'):
+    store.save(2, bad)
+  assert not store.save_best(2, bad['params'], {'top1': 0.9})
+  assert not store.save_best(1, good['params'], {'top1': float('nan')})
+  store.close()
+  # keep=1, yet the finite step 1 was not pushed out.
+  assert os.listdir(tmp_path / 'checkpoints') == ['1']
+  assert os.listdir(tmp_path / 'best') == []
+
+
+def test_init_from_a_nonfinite_model_is_refused(tmp_path, image_folder):
+  from irpe_jax import convert  # pylint: disable=g-import-not-at-top
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  model = train.build_model(config, 3)
+  params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)),
+                      train=False)['params']
+  params = jax.tree.map(np.array, params)  # writable copies.
+  params['blocks_0']['norm1']['scale'][0] = np.nan
+  convert.save_params(str(tmp_path / 'nan.msgpack'), params)
+  config.init_from = str(tmp_path / 'nan.msgpack')
+  with pytest.raises(ValueError, match=r'non-finite values in '
+                     r"\['blocks_0/norm1/scale'\]"):
+    train.train_and_evaluate(config, str(tmp_path / 'wd'))
