@@ -142,13 +142,24 @@ def test_one_device_matches_four_devices(four_device_run, image_folder,
   assert_same_params(flat, four_device_run[1]['params'])
 
 
-def test_two_processes_match_one_process(four_device_run, image_folder,
-                                         tmp_path):
+def test_two_processes_resume_a_damaged_run_to_the_same_params(
+    four_device_run, stopped_at_3, image_folder, tmp_path):
+  """Two processes of 2 devices take over a one-process run of 4 devices
+  whose last checkpoint is damaged: both fall back to step 2, it is set
+  aside once, and they end where the uninterrupted run did."""
+  workdir = tmp_path / 'wd_2x2'
+  shutil.copytree(stopped_at_3, workdir)
+  flip_32_bytes(workdir / 'checkpoints' / '3')
   flat = run_workers(image_folder, tmp_path, devices=2, processes=2)
   assert flat['device_count'] == 4 and flat['process_count'] == 2
   assert_same_params(flat, four_device_run[1]['params'])
   np.testing.assert_allclose(flat['eval/top1'],
                              four_device_run[1]['eval']['top1'])
+  for i in range(2):
+    assert 'Skipping checkpoint 3' in (tmp_path / f'log_{i}.txt').read_text()
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '4']
+  assert len(os.listdir(workdir / 'rejected_checkpoints')) == 2  # + reason.
+  assert rows_by_step(workdir) == {'train': [1, 2, 3, 4], 'eval': [2, 4]}
 
 
 def test_stopped_run_resumes_to_the_same_params(four_device_run,
