@@ -142,7 +142,7 @@ def clip_index(relative_position: np.ndarray, alpha: float, beta: float,
 def num_buckets_without_skip(method: Union[str, int], beta: float) -> int:
   """Number of buckets of one table of `method`, before the skip bucket."""
   method = canonical_method(method)
-  side = 2 * int(beta) + 1
+  side = 2 * int(_checks.check_number('beta', beta, minimum=0.0)) + 1
   return side * side if method == PRODUCT else side
 
 

@@ -216,6 +216,10 @@ def test_bucket_ids_of_a_large_grid_need_no_large_temporaries():
 def test_num_buckets_without_skip():
   assert buckets.num_buckets_without_skip('product', 3.8) == 49
   assert buckets.num_buckets_without_skip('euc', 3.8) == 7
+  assert buckets.num_buckets_without_skip(41, np.float32(0.5)) == 1
+  for beta in (-3.8, float('nan')):
+    with pytest.raises(ValueError, match='beta must be'):
+      buckets.num_buckets_without_skip('product', beta)
 
 
 @settings(max_examples=40, deadline=None)
