@@ -22,9 +22,12 @@ import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 import irpe_jax
+from experiments.detr import predict
+from experiments.detr import preprocess
 from irpe_jax import convert
 from irpe_jax import models
 from irpe_jax.models import detr
@@ -469,7 +472,8 @@ def test_xavier_table_init_uses_pytorch_fans():
 def test_dropout_only_in_training_and_remat_changes_nothing():
   inputs = _transformer_inputs()
   model = functools.partial(_tiny_transformer, enc_layers=1, dec_layers=1)
-  params = jax.jit(model().init)(jax.random.key(0), *inputs)['params']
+  params = jax.jit(model().init)(jax.random.key(0, impl='rbg'),
+                                *inputs)['params']
   # Not a sum of squares: every output is layer-normed.
   weights = jax.random.normal(jax.random.key(2), (2 * 5 + 3 * 4, 8))
 
@@ -576,3 +580,51 @@ def test_no_encoder_tensor_is_larger_than_the_attention():
   attention = batch * heads * length * length
   assert _largest_array(hlo) <= attention
   assert length * length * (dim // heads) > attention  # The bound bites.
+
+
+# The example script.
+
+
+def test_predict_prints_the_detections_of_a_checkpoint(variables, tmp_path,
+                                                        capsys):
+  checkpoint = tmp_path / 'detr.npz'
+  np.savez(checkpoint, **{f'state/{k}': v for k, v in
+                          convert.flax_to_torch(variables).items()})
+  image = tmp_path / 'street.png'
+  pixels = np.random.default_rng(0).integers(0, 256, (48, 72, 3), np.uint8)
+  Image.fromarray(pixels).save(image)
+  assert predict.main(['--checkpoint', str(checkpoint), '--enc-rpe2d',
+                       CASE['enc_rpe2d'], '--threshold', '0', '--size', '32',
+                       '--max-size', '64', str(image)]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0] == f'{image}: {CASE["num_queries"]} detections'
+  scores = [float(line.split()[0]) for line in lines[1:]]
+  assert len(scores) == CASE['num_queries']
+  assert scores == sorted(scores, reverse=True) and 0 < scores[-1]
+  assert all(re.fullmatch(r'  [\d.]+  .+  \[(-?[\d.]+, ){3}-?[\d.]+\]', line)
+             for line in lines[1:])
+
+
+def test_predict_names_a_bad_rpe_string_before_loading(tmp_path, capsys):
+  assert predict.main(['--checkpoint', str(tmp_path / 'missing.pth'),
+                       '--enc-rpe2d', 'rpe-2.0', 'x.png']) == 1
+  assert "enc_rpe2d='rpe-2.0'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('hw,expected', [
+    ((480, 640), (800, 1066)),   # shorter side to 800
+    ((800, 1200), (800, 1200)),  # already there
+    ((640, 480), (1066, 800)),
+    ((1000, 200), (1335, 267)),  # longer side capped: size 267; as released,
+                                 # truncation lands two pixels past 1333
+])
+def test_resize_is_the_release_eval_resize(hw, expected):
+  assert preprocess.resized_size(*hw) == expected
+
+
+def test_pad_batch_pads_bottom_right_and_marks_the_padding():
+  images, mask = preprocess.pad_batch([np.ones((2, 3, 3)), np.ones((4, 1, 3))])
+  assert images.shape == (2, 4, 3, 3) and mask.shape == (2, 4, 3)
+  assert mask[0].tolist() == [[False] * 3] * 2 + [[True] * 3] * 2
+  assert mask[1].tolist() == [[False, True, True]] * 4
+  assert not images[mask].any()

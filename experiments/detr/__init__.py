@@ -1,0 +1,1 @@
+"""DETR with iRPE: memory benchmark and detection on image files."""
