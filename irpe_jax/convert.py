@@ -30,6 +30,8 @@ unexpected and wrongly shaped tensor: nothing is half-loaded.
 Command line:
 
     python -m irpe_jax.convert IN.pth OUT.msgpack [--model NAME] [--force]
+    python -m irpe_jax.convert rpe-2.0-product-ctx-1-k.pth OUT.msgpack \
+        --detr rpe-2.0-product-ctx-1-k
 """
 
 import argparse
@@ -517,6 +519,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--model', help='registered model name to check the '
                       'checkpoint against, e.g. '
                       'deit_small_patch16_224_ctx_product_50_shared_k')
+  parser.add_argument('--detr', metavar='ENC_RPE2D', default=None,
+                      help="check the checkpoint against the release's DETR "
+                      "with this encoder iRPE, e.g. rpe-2.0-product-ctx-1-k "
+                      "('' for plain DETR), and write its variables")
   parser.add_argument('--force', action='store_true',
                       help='overwrite the output file if it exists')
   parser.add_argument('--max-bytes', type=int, default=None,
@@ -529,7 +535,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   try:
     _check_output(args.input, args.output, args.force)
+    if args.model and args.detr is not None:
+      raise ValueError('Give --model or --detr, not both.')
     model = models.create_model(args.model) if args.model else None
+    if args.detr is not None:
+      model = models.DETR(enc_rpe2d=args.detr)
     params = load_torch_checkpoint(args.input, model,
                                    max_bytes=args.max_bytes)
     save_params(args.output, params)
@@ -538,7 +548,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f'error: {message or type(e).__name__}', file=sys.stderr)
     return 1
   count = sum(np.size(x) for x in jax.tree.leaves(params))
-  checked = f'checked against {args.model}' if model else 'unchecked'
+  name = args.model or f'DETR {args.detr or "without iRPE"}'
+  checked = f'checked against {name}' if model else 'unchecked'
   print(f'Wrote {count:,} parameters ({checked}) to {args.output}.')
   return 0
 

@@ -26,6 +26,7 @@ from PIL import Image
 import pytest
 
 import irpe_jax
+from experiments.detr import bench_memory
 from experiments.detr import predict
 from experiments.detr import preprocess
 from irpe_jax import convert
@@ -121,11 +122,15 @@ def release_state():
 
 
 @pytest.fixture(scope='module')
-def variables(release_state, tmp_path_factory):
-  """The drawn weights, through a `.pth` written as the release saves it."""
-  path = write_pth(tmp_path_factory.mktemp('detr') / 'detr.pth',
+def release_pth(release_state, tmp_path_factory):
+  return write_pth(tmp_path_factory.mktemp('detr') / 'detr.pth',
                    release_state)
-  return convert.load_torch_checkpoint(path, MODEL)
+
+
+@pytest.fixture(scope='module')
+def variables(release_pth):
+  """The drawn weights, through a `.pth` written as the release saves it."""
+  return convert.load_torch_checkpoint(release_pth, MODEL)
 
 
 def golden_inputs():
@@ -288,7 +293,7 @@ def test_release_attention_inside_an_encoder_layer(case, arrays):
 @pytest.mark.parametrize('enc_rpe2d', sorted(CHECKPOINT_SHAPES))
 def test_names_and_shapes_are_the_release_checkpoints(enc_rpe2d):
   model = models.DETR(enc_rpe2d=enc_rpe2d)
-  expected = models.expected_variables(model)
+  expected = expected_variables(model)
   state = convert.flax_to_torch(expected)
   assert {k: list(v.shape) for k, v in state.items()} == (
       CHECKPOINT_SHAPES[enc_rpe2d])
@@ -313,8 +318,27 @@ def test_flax_to_torch_writes_the_release_state_back(release_state, variables):
     np.testing.assert_array_equal(back[name], value, err_msg=name)
 
 
+def test_command_line_converts_a_detr_checkpoint(release_pth, variables,
+                                                 tmp_path, capsys):
+  out = tmp_path / 'detr.msgpack'
+  assert convert.main([release_pth, str(out), '--detr',
+                       CASE['enc_rpe2d']]) == 0
+  assert f'checked against DETR {CASE["enc_rpe2d"]}' in capsys.readouterr().out
+  loaded = convert.load_params(str(out), MODEL)
+  assert set(loaded) == {'params', 'batch_stats'}
+  jax.tree.map(np.testing.assert_array_equal, loaded, variables)
+  assert convert.main([release_pth, str(tmp_path / 'plain.msgpack'),
+                       '--detr', '']) == 1
+  assert 'unexpected (6)' in capsys.readouterr().err
+
+
+@functools.lru_cache(maxsize=None)
+def expected_variables(model=MODEL):
+  return models.expected_variables(model)
+
+
 def _release_shapes(model=MODEL):
-  return convert.flax_to_torch(models.expected_variables(model))
+  return convert.flax_to_torch(expected_variables(model))
 
 
 def test_a_misfit_checkpoint_names_every_problem():
@@ -348,7 +372,7 @@ def _torchvision_resnet50():
 
 def test_torchvision_resnet_loads_into_the_backbone_only():
   backbone = convert.torch_to_flax(_torchvision_resnet50(), MODEL)
-  expected = models.expected_variables(MODEL)
+  expected = expected_variables()
   for collection in ('params', 'batch_stats'):
     assert set(backbone[collection]) == {'backbone_0'}
     assert jax.tree.map(lambda x: x.shape, backbone[collection]) == (
@@ -362,6 +386,10 @@ def test_torchvision_resnet_loads_into_the_backbone_only():
     assert value is flat(source)[path]
   with pytest.raises(ValueError, match='backbone does not fit'):
     detr.replace_backbone(MODEL, expected, {'params': backbone['params']})
+  initialised = jax.eval_shape(
+      lambda b: detr.init_variables(MODEL, jax.random.key(0), b), backbone)
+  assert jax.tree.map(lambda x: x.shape, initialised) == jax.tree.map(
+      lambda x: x.shape, expected)
 
 
 def test_an_incomplete_resnet_is_named_as_in_its_file():
@@ -369,17 +397,6 @@ def test_an_incomplete_resnet_is_named_as_in_its_file():
   del state['layer4.2.conv3.weight']
   with pytest.raises(ValueError, match=r'missing \(1\): layer4\.2\.conv3\.weight$'):
     convert.torch_to_flax(state, MODEL)
-
-
-def test_init_variables_takes_a_loaded_backbone():
-  model = models.DETR(hidden_dim=16, num_heads=2, enc_layers=1, dec_layers=2,
-                      dim_feedforward=8, num_queries=3)
-  backbone = convert.torch_to_flax(_torchvision_resnet50(), model)
-  init = lambda backbone: detr.init_variables(model, jax.random.key(0),
-                                              backbone)
-  variables = jax.eval_shape(init, backbone)
-  assert jax.tree.map(lambda x: x.shape, variables) == jax.tree.map(
-      lambda x: x.shape, models.expected_variables(model))
 
 
 # Configuration.
@@ -498,7 +515,7 @@ def test_dropout_only_in_training_and_remat_changes_nothing():
 
 def test_param_labels_freeze_the_stem_and_layer1():
   labels = flax.traverse_util.flatten_dict(
-      detr.param_labels(models.expected_params(MODEL)))
+      detr.param_labels(expected_variables()["params"]))
   assert labels[('backbone_0', 'body', 'conv1', 'kernel')] == 'frozen'
   assert labels[('backbone_0', 'body', 'layer1_2', 'conv3', 'kernel')] == (
       'frozen')
@@ -551,35 +568,20 @@ def test_post_process_boxes_are_pixels_of_the_original_size():
 # Memory: no tensor larger than the attention itself.
 
 
-def _largest_array(hlo: str) -> int:
-  shapes = re.findall(r'\b(?:f32|f16|bf16|s32|u32|s64|u8|s8|pred)\[([\d,]*)\]',
-                      hlo)
-  return max(int(np.prod([int(d) for d in s.split(',') if d]))
-             for s in shapes)
-
-
 def test_no_encoder_tensor_is_larger_than_the_attention():
-  """Forward and backward of an iRPE layer; the release's naive path holds
-  `(L, L, D)` encodings, 8x the `(B, H, L, L)` attention here."""
+  """Forward and backward of an iRPE layer, the benchmark's at a test size.
+
+  L = 80 > 49 buckets, as at detection sizes; the release's naive path would
+  hold `(L, L, D)` encodings, 8x the `(B, H, L, L)` attention here.
+  """
   batch, heads, dim, height, width = 1, 2, 32, 8, 10
-  length = height * width
-  layer = detr_transformer.EncoderLayer(
-      num_heads=heads, dim_feedforward=64,
-      rpe_config=irpe_jax.parse_rpe_string('rpe-1.9-product-ctx-1-k'))
-  src = jax.ShapeDtypeStruct((batch, length, dim), jnp.float32)
-  padding = jax.ShapeDtypeStruct((batch, length), jnp.bool_)
-  params = jax.eval_shape(
-      lambda src, padding: layer.init(jax.random.key(0), src, src, padding,
-                                      height, width), src, padding)
-
-  def loss(params, src, pos, padding):
-    return jnp.sum(layer.apply(params, src, pos, padding, height, width) ** 2)
-
-  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-      params, src, src, padding).compile().as_text()
-  attention = batch * heads * length * length
-  assert _largest_array(hlo) <= attention
-  assert length * length * (dim // heads) > attention  # The bound bites.
+  fn, shapes = bench_memory.encoder_layer_grad(
+      'rpe-1.9-product-ctx-1-k', 'auto', batch, height, width, heads=heads,
+      dim=dim, dim_feedforward=64)
+  hlo = jax.jit(fn).lower(*shapes).compile().as_text()
+  attention = batch * heads * (height * width) ** 2
+  assert bench_memory.largest_array(hlo) == attention
+  assert (height * width) ** 2 * (dim // heads) > attention  # It would bite.
 
 
 # The example script.
