@@ -1,4 +1,4 @@
-"""Converts the release's PyTorch DeiT- and DETR-iRPE checkpoints to Flax and back.
+"""Converts the release's PyTorch DeiT and DETR checkpoints to Flax and back.
 
 Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
 `params['blocks_3']['attn']['rpe_k']['lookup_table_weight']`. Layouts:
@@ -8,15 +8,17 @@ Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
 | Linear `weight (O, I)` | Dense `kernel (I, O)` (transposed) |
 | Conv2d `weight (O, I, kh, kw)` | Conv `kernel (kh, kw, I, O)` |
 | LayerNorm `weight (C,)` | LayerNorm `scale (C,)` |
-| MultiheadAttention (`self_attn`, `multihead_attn`) `in_proj_weight (3C, C)`, `in_proj_bias`, `out_proj` | `qkv/kernel (C, 3C)`, `qkv/bias`, `proj` |
+| MultiheadAttention `in_proj_weight (3C, C)`, `in_proj_bias` | `qkv/kernel (C, 3C)`, `qkv/bias` |
+| MultiheadAttention `out_proj` | `proj` |
 | Embedding (`query_embed`) `weight (N, C)` | `embedding (N, C)` |
 | batch norm `running_mean`, `running_var` | `mean`, `var` |
 | iRPE `lookup_table_*`, `cls_token`, `pos_embed`, biases | unchanged |
 
-A state dict has one namespace; a model may hold several collections (DETR
-keeps its frozen batch norm in 'batch_stats'). Given a model, each tensor
-goes to the collection that holds its path, and the whole variables dict is
-returned. A torchvision ResNet state dict (`conv1.weight`, `layer1.0...`,
+MultiheadAttention is any module named `self_attn` or `multihead_attn` (as
+in DETR); IRPEAttention holds its projections so. A state dict has one
+namespace; a model may hold several collections (DETR keeps its frozen batch
+norm in 'batch_stats'). Given a model, each tensor goes to the collection
+that holds its path, and the whole variables dict is returned. A torchvision ResNet state dict (`conv1.weight`, `layer1.0...`,
 `fc.*`) given with a DETR loads into the model's backbone only, without
 `fc` and `num_batches_tracked`, as the release starts training.
 
@@ -245,7 +247,7 @@ def _is_torchvision_resnet(state_dict: Mapping[str, Any]) -> bool:
 
 def _check_against(flat: Dict[Tuple[str, ...], Any], expected: Any,
                    prefix: Tuple[str, ...]) -> Params:
-  """Checks converted tensors against a model and sorts them into its collections.
+  """Checks converted tensors against a model, sorted into its collections.
 
   Args:
     flat: Flax path -> value, all collections in one namespace.

@@ -395,7 +395,8 @@ def test_torchvision_resnet_loads_into_the_backbone_only():
 def test_an_incomplete_resnet_is_named_as_in_its_file():
   state = _torchvision_resnet50()
   del state['layer4.2.conv3.weight']
-  with pytest.raises(ValueError, match=r'missing \(1\): layer4\.2\.conv3\.weight$'):
+  with pytest.raises(ValueError,
+                     match=r'missing \(1\): layer4\.2\.conv3\.weight$'):
     convert.torch_to_flax(state, MODEL)
 
 
@@ -419,7 +420,8 @@ def test_empty_rpe_string_is_plain_detr():
 
 
 @pytest.mark.parametrize('spec', [
-    'rpe-2.0-product-ctx-1', 'rpe-two-product-ctx-1-k', 'rpe-2.0-product-ctx-2-k',
+    'rpe-2.0-product-ctx-1', 'rpe-two-product-ctx-1-k',
+    'rpe-2.0-product-ctx-2-k',
     'rpe-2.0-spiral-ctx-1-k', 'rpe-2.0-product-bias-1-v', 'irpe', '-'])
 def test_malformed_rpe_strings_are_named(spec):
   with pytest.raises(ValueError, match=re.escape(f'enc_rpe2d={spec!r}')):
@@ -443,6 +445,16 @@ def test_bad_inputs_raise_at_trace_time(images, mask, match):
     jax.eval_shape(MODEL.init, jax.random.key(0),
                    jax.ShapeDtypeStruct(images, jnp.float32),
                    jax.ShapeDtypeStruct(mask, jnp.bool_))
+
+
+@pytest.mark.parametrize('fields,match', [
+    (dict(hidden_dim=6, num_heads=2), 'hidden_dim=6 must be divisible by 4'),
+    (dict(backbone='resnet18'), "backbone='resnet18'"),
+    (dict(num_queries=0), 'num_queries'),
+])
+def test_bad_fields_are_named(fields, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    models.expected_params(models.DETR(**fields))
 
 
 def _tiny_transformer(**kwargs):

@@ -112,9 +112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
   grids = QUICK_GRIDS if args.quick else GRIDS
   dims = dict(heads=2, dim=16, dim_feedforward=32) if args.quick else {}
+  sizes = dims or '8 heads, 256 features, FFN 2048'
   print(f'jax {jax.__version__}, {jax.default_backend()} '
         f'({jax.devices()[0].device_kind}); one DETR encoder layer, forward '
-        f'+ backward, batch {args.batch}, {dims or "8 heads, 256 features, FFN 2048"}.')
+        f'+ backward, batch {args.batch}, {sizes}.')
   print('\n| map | L | variant | temp MiB | largest array / (B,H,L,L) | '
         '(B,H,L,L) MiB | compile s |')
   print('|---|---|---|---|---|---|---|')

@@ -34,7 +34,7 @@ assert len(COCO_CLASSES) == 91
 
 def resized_size(height: int, width: int, size: int = 800,
                  max_size: int = 1333) -> Tuple[int, int]:
-  """`(height, width)` after the release's resize (`get_size_with_aspect_ratio`).
+  """`(height, width)` after the release's `get_size_with_aspect_ratio`.
 
   The shorter side becomes `size`, the longer keeps the aspect ratio
   (truncated to an int), unless it would pass `max_size`: then `size` is

@@ -147,7 +147,7 @@ class Backbone(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array
                ) -> Tuple[jax.Array, jax.Array]:
-    """`(B, H, W, 3)`, `(B, H, W)` -> `layer4 (B, h, w, C)`, mask `(B, h, w)`."""
+    """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`."""
     features = resnet.ResNet(resnet.DEPTHS[self.arch], self.dtype,
                              self.param_dtype, name='body')(images)
     return features, shrink_mask(pixel_mask, *features.shape[1:3])
@@ -243,13 +243,14 @@ class DETR(nn.Module):
 
   def _check(self, images, pixel_mask):
     for name, minimum in (('num_classes', 1), ('num_queries', 1),
-                          ('hidden_dim', 2), ('num_heads', 1),
+                          ('hidden_dim', 4), ('num_heads', 1),
                           ('enc_layers', 0), ('dec_layers', 1),
                           ('dim_feedforward', 1)):
       _checks.check_int(name, getattr(self, name), minimum)
-    if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
-      raise ValueError(f'hidden_dim={self.hidden_dim} must be even and '
-                       f'divisible by num_heads={self.num_heads}.')
+    # The sine encoding interleaves sin and cos over hidden_dim / 2 features.
+    if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
+      raise ValueError(f'hidden_dim={self.hidden_dim} must be divisible by 4 '
+                       f'and by num_heads={self.num_heads}.')
     if self.backbone not in resnet.DEPTHS:
       raise ValueError(f'backbone={self.backbone!r}; expected one of '
                        f'{sorted(resnet.DEPTHS)}.')

@@ -172,7 +172,7 @@ class EncoderLayer(nn.Module):
   def __call__(self, src: jax.Array, pos: jax.Array,
                key_padding_mask: Optional[jax.Array], height: int, width: int,
                deterministic: bool = True) -> jax.Array:
-    """`src`, `pos (B, height * width, C)`, key padding `(B, L)` -> `(B, L, C)`."""
+    """`src`, `pos (B, L = height * width, C)`, padding `(B, L)` -> `(B, L, C)`."""
     dropout = lambda x: nn.Dropout(self.dropout_rate)(
         x, deterministic=deterministic)
     mask = None if key_padding_mask is None else (
@@ -208,7 +208,7 @@ class DecoderLayer(nn.Module):
   def __call__(self, tgt: jax.Array, memory: jax.Array, pos: jax.Array,
                query_pos: jax.Array, memory_key_padding_mask: Optional[
                    jax.Array], deterministic: bool = True) -> jax.Array:
-    """`tgt`, `query_pos (B, Q, C)`; `memory`, `pos (B, L, C)` -> `(B, Q, C)`."""
+    """`tgt`, `query_pos (B, Q, C)`; `memory`, `pos (B, L, C)` -> (B, Q, C)."""
     dropout = lambda x: nn.Dropout(self.dropout_rate)(
         x, deterministic=deterministic)
     attention = lambda name: MultiheadAttention(
