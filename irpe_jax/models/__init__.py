@@ -7,6 +7,8 @@
 """
 
 from irpe_jax.models.detr import DETR
+from irpe_jax.models.detr_criterion import set_criterion
+from irpe_jax.models.detr_matcher import hungarian_match
 from irpe_jax.models.detr_postprocess import post_process
 from irpe_jax.models.nnx_bridge import to_nnx
 from irpe_jax.models.params import check_params
@@ -26,12 +28,14 @@ __all__ = (
     'DETR',
     'expected_params',
     'expected_variables',
+    'hungarian_match',
     'list_models',
     'model_kwargs',
     'post_process',
     'PRETRAINED',
     'RELEASED',
     'resample_posemb',
+    'set_criterion',
     'to_nnx',
     'VisionTransformer',
 )
