@@ -176,6 +176,10 @@ class Checkpoints:
     self._async = async_save
     self._unsummed: List[str] = []
 
+  def latest_step(self) -> Optional[int]:
+    """The newest saved step, or None."""
+    return self.latest.latest_step()
+
   # --- Restore ---------------------------------------------------------------
 
   def restore(self, target: Any) -> Optional[Any]:
@@ -224,11 +228,11 @@ class Checkpoints:
       restored = self.latest.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
           data=ocp.args.JsonRestore()))
+      state, data_position = restored.state, restored.data['data_position']
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise bare `Exception`s for unreadable files.
       raise DamagedCheckpointError(
           f'orbax cannot restore it ({_describe(e)})') from e
-    state, data_position = restored.state, restored.data['data_position']
     if int(state['step']) != step or data_position != step:
       raise DamagedCheckpointError(
           f'holds step {int(state["step"])} and data position '

@@ -308,7 +308,7 @@ def train_and_evaluate(config: Any, workdir: str,
       if log or evaluate_now or save:
         nonfinite_seen = check_nonfinite(
             state, nonfinite_seen, checked_at, step, config.nonfinite_policy,
-            ckpt.latest.latest_step())
+            ckpt.latest_step())
         checked_at = step
       if log:
         host_metrics = jax.device_get(train_metrics)
