@@ -38,6 +38,10 @@ class DamagedCheckpointError(ValueError):
   """A checkpoint that does not restore or does not verify."""
 
 
+class UnwritableWorkdirError(ValueError):
+  """The run's folder cannot be created or written."""
+
+
 def check_writable(workdir: str) -> None:
   """Fails now, not at the first save, if `workdir` cannot be written.
 
@@ -45,7 +49,7 @@ def check_writable(workdir: str) -> None:
     workdir: the run's folder; created if missing.
 
   Raises:
-    ValueError: naming the folder and the system's reason.
+    UnwritableWorkdirError: naming the folder and the system's reason.
   """
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -53,7 +57,7 @@ def check_writable(workdir: str) -> None:
     os.close(handle)
     os.remove(probe)
   except OSError as e:
-    raise ValueError(
+    raise UnwritableWorkdirError(
         f'--workdir {workdir!r} is not writable ({e.strerror or e}): '
         'checkpoints and metrics go there. Choose another folder or fix its '
         'permissions.') from e

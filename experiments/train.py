@@ -18,6 +18,7 @@ lives in the config (`configs/common.py`).
 """
 
 import functools
+import sys
 import time
 from typing import Any, Dict, Iterable, Optional, Tuple
 
@@ -208,18 +209,21 @@ def check_nonfinite(state: Any, seen: int, since_step: int, step: int,
   count = int(jax.device_get(state['nonfinite_steps']))
   if count == seen:
     return count
-  where = (f'{count - seen} step(s) between step {since_step + 1} and step '
+  where = (f'step {step}' if since_step + 1 == step else
+           f'{count - seen} step(s) between step {since_step + 1} and step '
            f'{step}')
   if policy == 'skip':
     logging.warning('Non-finite loss or gradients in %s: those updates were '
                     'skipped (%d in this run so far).', where, count)
     return count
+  saved = ('no checkpoint was saved yet' if last_checkpoint is None else
+           f'the last checkpoint is step {last_checkpoint}')
   raise FloatingPointError(
-      f'Non-finite loss or gradients in {where}. Their updates were not '
-      f'applied and nothing after them was saved; the last checkpoint is '
-      f'step {last_checkpoint}. Stopping, as config.nonfinite_policy is '
-      "'stop': lower optim.base_lr or set optim.grad_clip_norm and resume, "
-      "or set nonfinite_policy='skip' to skip such steps and go on.")
+      f'Non-finite loss or gradients in {where}. No such update was applied '
+      f'and nothing after it was saved; {saved}. Stopping, as '
+      "config.nonfinite_policy is 'stop': lower optim.base_lr or set "
+      "optim.grad_clip_norm and resume, or set nonfinite_policy='skip' to "
+      'skip such steps and go on.')
 
 
 def train_and_evaluate(config: Any, workdir: str,
@@ -350,7 +354,12 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (FloatingPointError, checkpoints.DamagedCheckpointError,
+          checkpoints.UnwritableWorkdirError) as e:
+    # Conditions of the run, not bugs: one clear line, no traceback.
+    sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
