@@ -490,3 +490,16 @@ def test_init_from_a_nonfinite_model_is_refused(tmp_path, image_folder):
   with pytest.raises(ValueError, match=r'non-finite values in '
                      r"\['blocks_0/norm1/scale'\]"):
     train.train_and_evaluate(config, str(tmp_path / 'wd'))
+
+
+def test_async_checkpoints_get_their_sums_and_resume(four_device_run,
+                                                     image_folder, tmp_path):
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  config.async_checkpoints = True
+  train.train_and_evaluate(config, str(tmp_path), stop_at_step=3)
+  for step in ('2', '3'):
+    assert checkpoints.verify_checksums(str(tmp_path / 'checkpoints' / step))
+  out = train.train_and_evaluate(config, str(tmp_path))
+  assert checkpoints.verify_checksums(str(tmp_path / 'checkpoints' / '4'))
+  assert_same_params(train_worker.flat_params(out['params']),
+                     four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
