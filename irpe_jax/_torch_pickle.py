@@ -7,20 +7,27 @@ and one raw little-endian file `ARCHIVE/data/KEY` per storage.
 
 The pickle is run by a restricted copy of Python's own unpickler:
 
-- `find_class` allows only the globals a state dict uses (`OrderedDict`, the
-  tensor and parameter rebuilders, the storage types) and maps them to numpy
-  stand-ins made afresh for each load; `os.system`, `builtins.eval` and every
-  other global are refused before anything is called.
+- `find_class` allows only the globals a training checkpoint uses
+  (`OrderedDict`, the tensor and parameter rebuilders, the storage types,
+  and `argparse.Namespace`, which DETR-style training scripts save as
+  `'args'`) and maps them to numpy stand-ins made afresh for each load;
+  `os.system`, `builtins.eval` and every other global are refused before
+  anything is called.
 - Only the opcodes that build data are dispatched. `REDUCE` calls nothing but
-  those stand-ins, `BUILD` only sets plain attributes (such as `_metadata`) on
-  an `OrderedDict` built by the same load, `SETITEM`/`APPEND`/`ADDITEMS` only
-  fill dicts, lists and sets; `INST`, `OBJ`, `NEWOBJ` and extension codes are
-  refused. So nothing a file does reaches an object that outlives its load.
+  those stand-ins; `NEWOBJ` only makes an empty `PickledNamespace` for
+  `argparse.Namespace`; `BUILD` only sets plain attributes (such as
+  `_metadata`) on an `OrderedDict` or a `PickledNamespace` built by the same
+  load; `SETITEM`/`APPEND`/`ADDITEMS` only fill dicts, lists and sets;
+  `INST`, `OBJ`, `NEWOBJ_EX` and extension codes are refused. Before the
+  object is returned, every value in it is checked to be data (numbers,
+  strings, arrays and containers of them), so no stand-in function or class
+  leaves the load.
 - The work is bounded before it is done: the pickle's size, one unit per
-  opcode, the bytes of every storage (checked against the size of its zip
-  entry before it is read) and of every tensor are charged to a budget of a
-  few times the file's size, so a small crafted file fails at once with a
-  `ValueError` instead of asking for gigabytes.
+  opcode (and per attribute a `BUILD` copies), the bytes of every storage
+  (checked against the size of its zip entry before it is read) and of
+  every tensor are charged to a budget of a few times the file's size, so a
+  small crafted file fails at once with a `ValueError` instead of asking
+  for gigabytes.
 """
 
 import collections
@@ -33,6 +40,7 @@ import reprlib
 import struct
 import sys
 import tarfile
+import types
 import zipfile
 import zlib
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
@@ -75,6 +83,31 @@ class _StorageType:
   """Stands for a `torch.*Storage` class in the pickle: only its dtype."""
   name: str
   dtype: np.dtype
+
+
+class PickledNamespace(types.SimpleNamespace):
+  """What an `argparse.Namespace` in a checkpoint loads as: its fields.
+
+  Training scripts (DETR's `main.py`, for one) save their command line as
+  `'args'` next to the model. It comes back as this inert record, never as
+  the real `argparse` class: fields are attributes (`ckpt['args'].lr`) or
+  `vars(ckpt['args'])`, and each holds data only (numbers, strings, `None`,
+  arrays and lists, tuples, dicts and sets of them).
+  """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _NamespaceClass:
+  """Stands for `argparse.Namespace` in the pickle: `NEWOBJ` of it only."""
+
+
+# The types a loaded checkpoint may hold: leaves and containers of them.
+_DATA_LEAVES = (type(None), bool, int, float, complex, str, bytes, np.ndarray)
+_CONTAINERS = (list, tuple, set, frozenset, dict, collections.OrderedDict,
+               PickledNamespace)
+# What BUILD may not set on an instance: any attribute of its class.
+_CLASS_ATTRIBUTES = {cls: frozenset(dir(cls))
+                     for cls in (collections.OrderedDict, PickledNamespace)}
 
 
 def _short(value: Any) -> str:
@@ -216,7 +249,9 @@ class _Load:
             self.rebuild_parameter,
         **{('torch', name): _StorageType(name, np.dtype(dtype))
            for name, dtype in _STORAGE_DTYPES.items()},
+        ('argparse', 'Namespace'): _NamespaceClass(),
     }
+    self.namespace_class = self.globals[('argparse', 'Namespace')]
     self.callables = tuple(v for v in self.globals.values() if callable(v)
                            and not isinstance(v, _StorageType))
 
@@ -317,18 +352,41 @@ def _restricted_dispatch() -> Dict[int, Callable[..., None]]:
                             'arguments.')
     self.stack[-1] = func(*args)
 
+  def load_newobj(self):
+    args = self.stack.pop()
+    if type(args) is not tuple or args:
+      raise CheckpointError(f'The pickle uses opcode NEWOBJ with arguments '
+                            f'{_short(args)}; only argparse.Namespace, with '
+                            f'none, is made that way; refusing it.')
+    cls = self.stack[-1]
+    if cls is not self.load_state.namespace_class:
+      raise CheckpointError(f'The pickle uses opcode NEWOBJ on '
+                            f'{_short(cls)}; only argparse.Namespace is made '
+                            f'that way; refusing it.')
+    self.stack[-1] = PickledNamespace()
+
   def load_build(self):
     state = self.stack.pop()
-    inst = target(self, (collections.OrderedDict,), 'BUILD')
-    if not isinstance(state, dict):
-      raise CheckpointError(f'BUILD on an OrderedDict with state '
-                            f'{_short(state)}: only attributes are allowed.')
-    for key, value in state.items():
-      if (not isinstance(key, str) or not key.isidentifier()
-          or key.startswith('__') or hasattr(collections.OrderedDict, key)):
-        raise CheckpointError(f'BUILD would set {_short(key)} on an '
-                              f'OrderedDict; refusing it.')
-      inst.__dict__[key] = value
+    inst = target(self, (collections.OrderedDict, PickledNamespace), 'BUILD')
+    ordered = type(inst) is collections.OrderedDict
+    what = 'an OrderedDict' if ordered else 'an argparse.Namespace'
+    if type(state) is not dict:
+      raise CheckpointError(f'BUILD on {what} with state {_short(state)}: '
+                            f'only a dict of attributes is allowed; refusing '
+                            f'it.')
+    # BUILD copies: a state reused from the memo must not copy for free.
+    self.load_state.budget.charge(_BYTES_PER_OPCODE * len(state),
+                                  'its pickle')
+    shadowed = _CLASS_ATTRIBUTES[type(inst)]
+    for key in state:
+      # No attribute may shadow the class's (an OrderedDict's `items`). A
+      # namespace keeps argparse's names (the `dest` of a positional
+      # argument may be any string); an OrderedDict takes identifiers only.
+      if (type(key) is not str or key.startswith('__') or key in shadowed
+          or (ordered and not key.isidentifier())):
+        raise CheckpointError(f'BUILD would set {_short(key)} on {what}; '
+                              f'refusing it.')
+    inst.__dict__.update(state)
 
   def load_setitems(self):
     items = self.pop_mark()
@@ -356,6 +414,7 @@ def _restricted_dispatch() -> Dict[int, Callable[..., None]]:
     target(self, (set,), 'ADDITEMS').update(items)
 
   table.update({pickle.REDUCE[0]: load_reduce, pickle.BUILD[0]: load_build,
+                pickle.NEWOBJ[0]: load_newobj,
                 pickle.SETITEM[0]: load_setitem,
                 pickle.SETITEMS[0]: load_setitems,
                 pickle.APPEND[0]: load_append,
@@ -397,13 +456,69 @@ class _RestrictedUnpickler(pickle._Unpickler):  # pylint: disable=protected-acce
       raise CheckpointError(
           f'The checkpoint pickle refers to the global {_clip(module)}.'
           f'{_clip(name)}, which a tensor checkpoint does not use; refusing '
-          f'to load it (only collections.OrderedDict, torch.*Storage and '
-          f'the tensor and parameter rebuilders of torch._utils are '
-          f'allowed).')
+          f'to load it (only collections.OrderedDict, torch.*Storage, the '
+          f'tensor and parameter rebuilders of torch._utils and '
+          f'argparse.Namespace are allowed).')
     return allowed
 
   def persistent_load(self, pid: Any) -> np.ndarray:
     return self.load_state.storage(pid)
+
+
+def _where(trail: Any) -> str:
+  """`checkpoint['args'].lr[0]` from the linked trail `(how, key, parent)`."""
+  steps = []
+  while trail is not None:
+    how, key, trail = trail
+    steps.append({'item': f'[{_short(key)}]', 'attr': f'.{_clip(key)}',
+                  'keys': '.keys()', 'member': ' (a member)'}[how])
+  steps.reverse()
+  if len(steps) > 20:
+    steps[10:-10] = ['...']
+  return 'checkpoint' + ''.join(steps)
+
+
+def _check_data(obj: Any) -> None:
+  """Refuses an unpickled object that holds anything but data.
+
+  A pickle may place the load's stand-ins (the tensor rebuilders, the
+  `OrderedDict` class, a storage type) anywhere a value goes, and fill a
+  list or dict after a `BUILD` has copied it into a namespace; so the whole
+  object is checked once, at the end. Each object and edge visited was made
+  by an opcode already charged to the budget, so the walk is as bounded as
+  the load; it is iterative (no recursion limit) and visits each container
+  once (shared and self-referencing ones included).
+
+  Raises:
+    ValueError: naming where the first non-data value is.
+  """
+  seen = set()
+  todo = [(obj, None)]
+  while todo:
+    value, trail = todo.pop()
+    kind = type(value)
+    if kind in _DATA_LEAVES:
+      continue
+    if kind not in _CONTAINERS:
+      raise CheckpointError(
+          f'The pickle puts {_short(value)} (a {kind.__name__}) at '
+          f'{_where(trail)}, where a checkpoint holds only data: numbers, '
+          f'strings, None, tensors and containers of them; refusing it.')
+    if id(value) in seen:
+      continue
+    seen.add(id(value))
+    if kind in (list, tuple):
+      todo.extend((v, ('item', i, trail)) for i, v in enumerate(value))
+      continue
+    if kind in (set, frozenset):
+      todo.extend((v, ('member', None, trail)) for v in value)
+      continue
+    if kind is not dict:  # Attributes set by BUILD.
+      todo.extend((v, ('attr', k, trail)) for k, v in vars(value).items())
+    if kind is not PickledNamespace:
+      for k, v in value.items():
+        todo.append((k, ('keys', None, trail)))
+        todo.append((v, ('item', k, trail)))
 
 
 def _pickle_info(archive: zipfile.ZipFile, path: str) -> zipfile.ZipInfo:
@@ -421,13 +536,15 @@ def load_pth(path: str, *, max_bytes: Optional[int] = None) -> Any:
   Args:
     path: a `.pth` file written by `torch.save` (PyTorch >= 1.6 zip format).
     max_bytes: the most bytes the load may allocate (storages, tensors and
-      one small unit per pickle opcode); default 4x the file's size plus
-      64 MiB, which a checkpoint that torch wrote (uncompressed) never
-      needs.
+      one small unit per pickle opcode and per attribute it sets); default
+      4x the file's size plus 64 MiB, which a checkpoint that torch wrote
+      (uncompressed) never needs.
 
   Returns:
-    The pickled object (typically a dict of state dicts) with every tensor
-    replaced by a `np.ndarray`.
+    The pickled object (a state dict, `{'model': state_dict}`, or a whole
+    training checkpoint with optimizer and scheduler state) with every
+    tensor replaced by a `np.ndarray` and an `argparse.Namespace` by a
+    `PickledNamespace` of its fields.
 
   Raises:
     FileNotFoundError: if there is no such file.
@@ -435,7 +552,8 @@ def load_pth(path: str, *, max_bytes: Optional[int] = None) -> Any:
     ValueError: if the file is not such a zip (saying what it is instead:
       empty, truncated, the legacy format, a bare pickle), an entry is
       corrupt or encrypted, it would need more than `max_bytes`, or its
-      pickle refers to anything but tensors, storages and `OrderedDict`.
+      pickle refers to anything but tensors, storages, `OrderedDict` and
+      `argparse.Namespace`, or holds anything but data.
   """
   path = os.fspath(path)
   with open_zip(path) as archive:
@@ -458,7 +576,7 @@ def load_pth(path: str, *, max_bytes: Optional[int] = None) -> Any:
     unpickler = _RestrictedUnpickler(data, _Load(archive, prefix, path,
                                                  budget))
     try:
-      return unpickler.load()
+      obj = unpickler.load()
     except CheckpointError:
       raise
     except (pickle.UnpicklingError, EOFError, TypeError, AttributeError,
@@ -466,3 +584,5 @@ def load_pth(path: str, *, max_bytes: Optional[int] = None) -> Any:
             OverflowError, RecursionError) as e:
       raise CheckpointError(f'The pickle in {path} is corrupt: '
                             f'{type(e).__name__}: {_clip(e)}.') from None
+  _check_data(obj)
+  return obj

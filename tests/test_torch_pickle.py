@@ -5,6 +5,7 @@ tests/data/make_torch_reference.py), so the comparison with `torch.load`
 runs without torch. No test here compiles anything with JAX.
 """
 
+import argparse
 import collections
 import copyreg
 import os
@@ -20,12 +21,14 @@ import numpy as np
 import pytest
 
 from irpe_jax import _torch_pickle
+from irpe_jax import convert
 import golden
 
 DATA = golden.GOLDEN_DIR.parent / 'data'
 GOLDEN_PTH = golden.GOLDEN_DIR / 'deit_tiny_ctx_product_50_shared_k_depth2.pth'
 GOLDEN_NPZ = GOLDEN_PTH.with_suffix('.npz')
 REFERENCES = ('torch_reference.pth', 'torch_reference_protocol4.pth')
+FULL_CHECKPOINT = DATA / 'full_training_checkpoint.pth'
 
 
 def flatten(obj, prefix=''):
@@ -94,6 +97,100 @@ def test_views_of_one_storage_become_independent_arrays():
 
 def test_golden_pth_holds_the_release_tensors():
   assert_golden_loads()
+
+
+# A whole training checkpoint, as DETR's main.py saves it.
+
+
+def describe(obj, path='', arrays=None):
+  """`describe` of make_torch_reference.py, for what the reader loads."""
+  arrays = {} if arrays is None else arrays
+  sub = lambda key, value: describe(value, f'{path}/{key}' if path else
+                                    str(key), arrays)
+  if isinstance(obj, np.ndarray):
+    arrays[path] = obj
+    return f'tensor({path}: {obj.dtype})'
+  if isinstance(obj, _torch_pickle.PickledNamespace):
+    return 'Namespace(' + ', '.join(
+        f'{k}={sub(k, v)}' for k, v in vars(obj).items()) + ')'
+  if isinstance(obj, dict):
+    attrs = ''.join(f' .{k}={sub(k, v)}'
+                    for k, v in getattr(obj, '__dict__', {}).items())
+    return f'{type(obj).__name__}{{' + ', '.join(
+        f'{k!r}: {sub(k, v)}' for k, v in obj.items()) + '}' + attrs
+  if isinstance(obj, (list, tuple)):
+    items = [sub(i, v) for i, v in enumerate(obj)]
+    if isinstance(obj, list):
+      return '[' + ', '.join(items) + ']'
+    return '(' + ', '.join(items) + (',)' if len(items) == 1 else ')')
+  assert type(obj) in (int, float, bool, str, type(None)), (path, type(obj))
+  return repr(obj)
+
+
+@pytest.fixture(scope='module')
+def full_reference():
+  with np.load(DATA / 'full_training_checkpoint.npz') as data:
+    return str(data['structure']), {k[len('value/'):]: data[k]
+                                    for k in data.files
+                                    if k.startswith('value/')}
+
+
+def test_full_training_checkpoint_matches_torch_load(full_reference):
+  """Model, AdamW and StepLR state, epoch and args: all as torch.load."""
+  structure, tensors = full_reference
+  arrays = {}
+  assert describe(_torch_pickle.load_pth(str(FULL_CHECKPOINT)), '',
+                  arrays) == structure
+  assert arrays.keys() == tensors.keys()
+  for path, expected in tensors.items():
+    assert arrays[path].dtype == expected.dtype, path
+    np.testing.assert_array_equal(arrays[path], expected, err_msg=path)
+
+
+def test_state_dict_of_a_full_training_checkpoint_is_its_model(
+    full_reference):
+  state = convert.read_state_dict(str(FULL_CHECKPOINT))
+  expected = {k[len('model/'):]: v for k, v in full_reference[1].items()
+              if k.startswith('model/')}
+  assert list(state) == list(expected)
+  for name, value in expected.items():
+    assert state[name].dtype == value.dtype, name
+    np.testing.assert_array_equal(state[name], value, err_msg=name)
+
+
+def test_args_of_a_training_checkpoint_are_an_inert_record():
+  ckpt = _torch_pickle.load_pth(str(FULL_CHECKPOINT))
+  args = ckpt['args']
+  assert type(args) is _torch_pickle.PickledNamespace
+  assert not isinstance(args, argparse.Namespace)
+  assert args == _torch_pickle.PickledNamespace(
+      lr=1e-4, lr_backbone=1e-5, epochs=300, lr_drop=200,
+      frozen_weights=None, backbone='resnet50', aux_loss=True,
+      enc_rpe2d='rpe-2.0-product-ctx-1-k', milestones=[100, 200])
+  assert ckpt['optimizer']['param_groups'][1]['betas'] == (0.9, 0.999)
+  assert ckpt['optimizer']['param_groups'][1]['lr'] == args.lr_backbone
+
+
+@pytest.mark.parametrize('protocol', [2, 3, 4, 5])
+def test_namespaces_pickled_by_python_load_as_records(archive, protocol):
+  fields = {'lr': 0.5, 'name': 'detr', 'steps': [1, 2], 'pair': (True,),
+            'off': None, 'sub': {3: 'x'}, 'config-file': 'a.yaml',
+            '_private': -1}
+  if protocol >= 4:  # Sets before protocol 4 are calls of builtins.set.
+    fields['tags'] = {'a', frozenset({1})}
+  loaded = _torch_pickle.load_pth(archive(pickle.dumps(
+      {'args': argparse.Namespace(**fields), 'none': argparse.Namespace()},
+      protocol=protocol)))
+  assert type(loaded['args']) is _torch_pickle.PickledNamespace
+  assert vars(loaded['args']) == fields
+  assert loaded['none'] == _torch_pickle.PickledNamespace()
+
+
+def test_namespaces_pickled_before_protocol_2_are_refused(archive):
+  # Protocols 0 and 1 rebuild objects with copyreg._reconstructor, a call.
+  with pytest.raises(ValueError, match='copy_?reg._reconstructor.*refusing'):
+    _torch_pickle.load_pth(archive(pickle.dumps(argparse.Namespace(a=1),
+                                                protocol=1)))
 
 
 # Hand-made pickles and archives.
@@ -292,6 +389,32 @@ def test_many_copies_of_one_storage_are_bounded(tmp_path):
   assert time.perf_counter() - start < 5
 
 
+def _builds(count: int, make: bytes, attributes: int = 1000) -> bytes:
+  """`count` objects, each BUILT from one memoised state of `attributes`."""
+  state = b'}q\x00(' + b''.join(
+      _str(f'a{i}') + b'N' for i in range(attributes)) + b'u0'
+  return (b'\x80\x02' + state + make[:-2] + b'q\x010' + b'](' + (
+      b'h\x01' + make[-2:] + b'h\x00b') * count + b'e.')
+
+
+@pytest.mark.parametrize('make', [
+    _global('collections', 'OrderedDict') + b')R',
+    _global('argparse', 'Namespace') + b')\x81',
+], ids=['ordered_dict', 'namespace'])
+def test_attributes_that_build_copies_are_charged(archive, make):
+  """A state reused from the memo is copied by each BUILD: each is paid."""
+  # 100 copies of 1000 attributes: 6.4 MB of charges from a 14 KB pickle.
+  loaded = _torch_pickle.load_pth(archive(_builds(100, make)))
+  assert len(loaded) == 100 and len(vars(loaded[-1])) == 1000
+  with pytest.raises(ValueError, match='its pickle'):
+    _torch_pickle.load_pth(archive(_builds(100, make)), max_bytes=2**22)
+  # 20000 copies: 20 million attributes (gigabytes) from a 150 KB file.
+  start = time.perf_counter()
+  with pytest.raises(ValueError, match='corrupt or crafted'):
+    _torch_pickle.load_pth(archive(_builds(20000, make)))
+  assert time.perf_counter() - start < 5
+
+
 def test_pickle_work_is_charged(archive):
   payload = b'\x80\x02]q\x00(' + b'}' * 50000 + b'e.'
   with pytest.raises(ValueError, match='its pickle'):
@@ -438,7 +561,115 @@ def _payloads():
   }
 
 
-PAYLOADS = _payloads()
+_NAMESPACE = _global('argparse', 'Namespace')
+_REBUILD = _global('torch._utils', '_rebuild_tensor_v2')
+
+
+def _fields(**values: bytes) -> bytes:
+  """A dict `{name: value}` of pickled values: the state BUILD gets."""
+  return b'}(' + b''.join(_str(k) + v for k, v in values.items()) + b'u'
+
+
+def _as_args(obj: bytes, protocol=2) -> bytes:
+  """A pickle of `{'args': obj}`: where a training checkpoint keeps it."""
+  return bytes([0x80, protocol]) + b'}' + _str('args') + obj + b's.'
+
+
+def _walk_refusal(where: str) -> str:
+  """What the reader says of a non-data value at `checkpoint` + `where`."""
+  return f'at checkpoint{where}, where a checkpoint holds only data'
+
+
+def _namespace_payloads():
+  """Abuses of argparse.Namespace and of stand-ins placed where data goes.
+
+  argparse.Namespace is the one class a file may instantiate (NEWOBJ).
+
+  Each is `(payload, what the error says)`; all must be refused without
+  anything running.
+  """
+  made = _NAMESPACE + b')\x81'  # NEWOBJ(Namespace): an empty record.
+  touch = _tuple(_str('touch PWNED'))
+  payloads = {
+      'newobj_with_args': (_NAMESPACE + touch + b'\x81',
+                           'NEWOBJ with arguments'),
+      'newobj_with_dict_args': (_NAMESPACE + b'}\x81',
+                                'NEWOBJ with arguments'),
+      'newobj_ex': (_NAMESPACE + b')}\x92', 'opcode NEWOBJ_EX'),
+      'newobj_of_a_record': (made + b')\x81', 'NEWOBJ on PickledNamespace'),
+      'newobj_of_ordered_dict': (_global('collections', 'OrderedDict')
+                                 + b')\x81', 'NEWOBJ on'),
+      'newobj_of_storage_type': (_global('torch', 'FloatStorage') + b')\x81',
+                                 'NEWOBJ on'),
+      'newobj_of_rebuilder': (_REBUILD + b')\x81', 'NEWOBJ on'),
+      'call_namespace': (_NAMESPACE + touch + b'R', 'not an allowed global'),
+      'call_a_record': (made + touch + b'R', 'not an allowed global'),
+      'build_on_the_class': (_NAMESPACE + _fields(x=b'K\x01') + b'b',
+                             'applies BUILD to a _NamespaceClass'),
+      'build_slots_state': (made + b'N' + _fields(x=b'K\x01') + b'\x86b',
+                            'only a dict of attributes'),
+      'build_list_state': (made + b']b', 'only a dict of attributes'),
+      'build_ordered_dict_state': (
+          made + _global('collections', 'OrderedDict') + b')R' + b'b',
+          'only a dict of attributes'),
+      'build_none_state': (made + b'Nb', 'only a dict of attributes'),
+      'setitem_on_a_record': (made + _str('x') + b'K\x01s',
+                              'applies SETITEM to a PickledNamespace'),
+      'append_to_a_record': (made + b'K\x01a',
+                             'applies APPEND to a PickledNamespace'),
+      'int_key': (made + b'}K\x01K\x02sb', 'BUILD would set 1'),
+      'tuple_key': (made + b'}' + _tuple(_str('a')) + b'K\x02sb',
+                    'BUILD would set'),
+      # Values: only data, wherever they are and whenever they were added.
+      'rebuilder_as_value': (made + _fields(x=_REBUILD) + b'b',
+                             _walk_refusal(r"\['args'\].x")),
+      'class_as_value': (made + _fields(
+          x=_global('collections', 'OrderedDict')) + b'b', 'only data'),
+      'namespace_class_as_value': (made + _fields(x=_NAMESPACE) + b'b',
+                                   'only data'),
+      'storage_type_as_value': (made + _fields(
+          x=_global('torch', 'FloatStorage')) + b'b', 'only data'),
+      'rebuilder_nested_in_a_value': (
+          made + _fields(x=b']' + _tuple(b'N', _REBUILD) + b'a') + b'b',
+          _walk_refusal(r"\['args'\].x\[0\]\[1\]")),
+      'rebuilder_added_after_build': (
+          made + b'}' + _str('x') + b']q\x63sb' + b'h\x63' + _REBUILD
+          + b'a0', _walk_refusal(r"\['args'\].x\[0\]")),
+      'rebuilder_as_a_key': (made + b'}' + _REBUILD + b'K\x01sb',
+                             'BUILD would set'),
+      'rebuilder_as_a_dict_key': (made + _fields(x=b'}' + _REBUILD + b'K\x01s')
+                                  + b'b',
+                                  _walk_refusal(r"\['args'\].x.keys\(\)")),
+      # Other globals, reached by name through the stand-in's module.
+      'argparse_sys': (_global('argparse', '_sys'), 'refusing'),
+      'argparse_parser': (_global('argparse', 'ArgumentParser') + touch
+                          + b'R', 'refusing'),
+      'namespace_attribute': (_global('argparse', 'Namespace.__init__'),
+                              'refusing'),
+  }
+  payloads = {name: (_as_args(payload), match)
+              for name, (payload, match) in payloads.items()}
+  for key in ('__class__', '__dict__', '__init__', '__reduce_ex__',
+              '__setstate__', '__getattribute__', '__eq__', '__weakref__'):
+    payloads[f'key{key}'] = (_as_args(
+        made + _fields(**{key: _global('collections', 'OrderedDict')}) + b'b'),
+        f'BUILD would set {key!r}')
+  payloads['dotted_stack_global'] = (
+      b'\x80\x04\x8c\x08argparse\x8c\x1eNamespace.__init__.__globals__'
+      b'\x93.', 'Namespace.__init__.__globals__.*refusing')
+  payloads['rebuilder_in_model'] = (
+      b'\x80\x02}' + _str('model') + _fields(x=_REBUILD) + b's.',
+      _walk_refusal(r"\['model'\]\['x'\]"))
+  payloads['rebuilder_in_metadata'] = (
+      b'\x80\x02' + _global('collections', 'OrderedDict') + b')R'
+      + _fields(_metadata=_REBUILD) + b'b.',
+      _walk_refusal('._metadata'))
+  return payloads
+
+
+NAMESPACE_PAYLOADS = _namespace_payloads()
+PAYLOADS = {**_payloads(), **{f'namespace_{k}': v for k, (v, _) in
+                              NAMESPACE_PAYLOADS.items()}}
 
 
 @pytest.fixture
@@ -500,6 +731,43 @@ def test_payload_in_an_extra_entry_of_a_real_archive_is_never_read(sandbox):
   with pytest.raises(ValueError, match='2 data.pkl files'):
     _torch_pickle.load_pth(str(path))
   assert not (sandbox / 'PWNED').exists()
+
+
+@pytest.mark.parametrize('name', sorted(NAMESPACE_PAYLOADS))
+def test_namespace_abuses_are_refused_clearly(archive, name):
+  payload, match = NAMESPACE_PAYLOADS[name]
+  with pytest.raises(ValueError, match=match):
+    _torch_pickle.load_pth(archive(payload))
+
+
+def test_shared_self_referencing_and_deep_data_is_checked_once(archive):
+  made = _NAMESPACE + b')\x81'
+  cycle = _torch_pickle.load_pth(archive(
+      b'\x80\x02]q\x00h\x00a' + made + b'q\x01}' + _str('me') + b'h\x01s'
+      + _str('list') + b'h\x00sba.'))
+  assert cycle[0] is cycle and cycle[1].me is cycle[1]
+  assert cycle[1].list is cycle
+  depth = 20_000  # Far past the recursion limit.
+  deep = _torch_pickle.load_pth(archive(
+      b'\x80\x02' + b']' * depth + b'a' * (depth - 1) + b'.'))
+  for _ in range(depth - 1):
+    deep, = deep
+  assert deep == []
+  path = r'checkpoint(\[0\]){10}\.{3}(\[0\]){10}, where'
+  with pytest.raises(ValueError, match=path):
+    _torch_pickle.load_pth(archive(
+        b'\x80\x02' + b']' * depth + _REBUILD + b'a' * depth + b'.'))
+
+
+def test_a_record_is_made_afresh_and_changes_no_later_load(archive):
+  attributes = dict(vars(_torch_pickle.PickledNamespace))
+  payload = _as_args(_NAMESPACE + b')\x81' + _fields(lr=b'K\x01') + b'b')
+  first = _torch_pickle.load_pth(archive(payload))['args']
+  second = _torch_pickle.load_pth(archive(payload))['args']
+  assert first == second and first is not second
+  first.lr = 2
+  assert second.lr == 1
+  assert dict(vars(_torch_pickle.PickledNamespace)) == attributes
 
 
 @pytest.mark.parametrize('payload, match', [

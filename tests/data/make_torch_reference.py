@@ -20,6 +20,15 @@ and what `torch.load` makes of them, and the files are committed:
   `container/PATH` the type of each dict (`dict` or `OrderedDict`).
 - `legacy_format.pth`: a state dict in the pre-1.6 non-zip format
   (`_use_new_zipfile_serialization=False`), which the reader must name.
+- `full_training_checkpoint.pth`: what DETR's `main.py` saves every epoch,
+  `{'model', 'optimizer', 'lr_scheduler', 'epoch', 'args'}`, for a tiny
+  model: an AdamW state after one step with DETR's two parameter groups
+  (int keys, float/bool/None fields, `betas` tuples), a StepLR state, and the
+  `argparse.Namespace` of a parsed command line.
+- `full_training_checkpoint.npz`: `torch.load` of it (`weights_only=False`:
+  the file is ours): `value/PATH` for every tensor (int keys and list
+  indices as path parts), and `structure`, the text `describe` gives of the
+  whole object, with tensors as `tensor(PATH: DTYPE)`.
 
 Run with a torch install (not a dependency of irpe_jax), from the repository
 root:
@@ -29,6 +38,7 @@ root:
     /tmp/torchvenv/bin/python tests/data/make_torch_reference.py
 """
 
+import argparse
 import collections
 import os
 
@@ -102,6 +112,121 @@ def flatten(obj, prefix, out):
   out[f'value/{prefix}'] = tensor.numpy()
 
 
+class _FrozenBatchNorm2d(torch.nn.Module):
+  """DETR's backbone norm: statistics and affine terms are buffers."""
+
+  def __init__(self, n):
+    super().__init__()
+    for name, init in (('weight', torch.ones), ('bias', torch.zeros),
+                       ('running_mean', torch.zeros),
+                       ('running_var', torch.ones)):
+      self.register_buffer(name, init(n))
+
+  def forward(self, x):
+    scale = self.weight * (self.running_var + 1e-5).rsqrt()
+    shift = self.bias - self.running_mean * scale
+    return x * scale[:, None, None] + shift[:, None, None]
+
+
+class _TinyDetr(torch.nn.Module):
+  """A few layers named as in DETR: a backbone, queries and a class head."""
+
+  def __init__(self):
+    super().__init__()
+    self.backbone = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 2, 1, bias=False), _FrozenBatchNorm2d(2))
+    self.query_embed = torch.nn.Embedding(2, 3)
+    self.class_embed = torch.nn.Linear(3, 2)
+
+  def forward(self, images):
+    features = self.backbone(images).mean((2, 3))  # (B, 2)
+    queries = self.query_embed.weight + features[:, None, :1]
+    return self.class_embed(queries)
+
+
+def _command_line():
+  """An `argparse.Namespace` as DETR's parser makes it (a few fields)."""
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--lr', default=1e-4, type=float)
+  parser.add_argument('--lr_backbone', default=1e-5, type=float)
+  parser.add_argument('--epochs', default=300, type=int)
+  parser.add_argument('--lr_drop', default=200, type=int)
+  parser.add_argument('--frozen_weights', type=str, default=None)
+  parser.add_argument('--backbone', default='resnet50', type=str)
+  parser.add_argument('--aux_loss', action='store_true')
+  parser.add_argument('--enc_rpe2d', default='', type=str)
+  parser.add_argument('--milestones', nargs='+', type=int, default=[])
+  return parser.parse_args([
+      '--aux_loss', '--enc_rpe2d', 'rpe-2.0-product-ctx-1-k',
+      '--milestones', '100', '200'])
+
+
+def full_training_checkpoint():
+  """What DETR's `main.py` saves after an epoch, for a tiny model."""
+  torch.manual_seed(0)
+  args = _command_line()
+  model = _TinyDetr()
+  param_dicts = [  # As DETR's main.py: the backbone learns more slowly.
+      {'params': [p for n, p in model.named_parameters()
+                  if 'backbone' not in n]},
+      {'params': [p for n, p in model.named_parameters() if 'backbone' in n],
+       'lr': args.lr_backbone},
+  ]
+  optimizer = torch.optim.AdamW(param_dicts, lr=args.lr, weight_decay=1e-4)
+  lr_scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+  model(torch.randn(2, 3, 2, 2)).square().sum().backward()
+  optimizer.step()
+  lr_scheduler.step()
+  return {'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+          'lr_scheduler': lr_scheduler.state_dict(), 'epoch': 0,
+          'args': args}
+
+
+def describe(obj, path='', tensors=None):
+  """A canonical text of a loaded object; collects its tensors by path.
+
+  Containers show their type (`OrderedDict{...}`) and attributes set on
+  them (`_metadata`); a tensor is `tensor(PATH: DTYPE)` and goes to
+  `tensors[PATH]`; numbers, strings, bools and None are their `repr`.
+  tests/test_torch_pickle.py writes the same text for what the torch-free
+  reader loads.
+  """
+  tensors = {} if tensors is None else tensors
+  sub = lambda key, value: describe(value, f'{path}/{key}' if path else
+                                    str(key), tensors)
+  if isinstance(obj, torch.Tensor):
+    tensors[path] = obj.detach()
+    return f"tensor({path}: {str(obj.dtype).replace('torch.', '')})"
+  if isinstance(obj, argparse.Namespace):
+    return 'Namespace(' + ', '.join(
+        f'{k}={sub(k, v)}' for k, v in vars(obj).items()) + ')'
+  if isinstance(obj, dict):
+    attrs = ''.join(f' .{k}={sub(k, v)}'
+                    for k, v in getattr(obj, '__dict__', {}).items())
+    return f'{type(obj).__name__}{{' + ', '.join(
+        f'{k!r}: {sub(k, v)}' for k, v in obj.items()) + '}' + attrs
+  if isinstance(obj, (list, tuple)):
+    items = [sub(i, v) for i, v in enumerate(obj)]
+    if isinstance(obj, list):
+      return '[' + ', '.join(items) + ']'
+    return '(' + ', '.join(items) + (',)' if len(items) == 1 else ')')
+  assert type(obj) in (int, float, bool, str, type(None)), (path, type(obj))
+  return repr(obj)
+
+
+def write_full_training_checkpoint():
+  path = os.path.join(HERE, 'full_training_checkpoint.pth')
+  torch.save(full_training_checkpoint(), path)
+  tensors = {}
+  out = {'structure': np.array(describe(torch.load(path, weights_only=False),
+                                        '', tensors))}
+  for name, tensor in tensors.items():
+    out[f'value/{name}'] = tensor.numpy()
+  np.savez_compressed(os.path.join(HERE, 'full_training_checkpoint.npz'),
+                      **out)
+  return len(tensors)
+
+
 def main():
   obj = reference_object()
   path = os.path.join(HERE, 'torch_reference.pth')
@@ -115,7 +240,9 @@ def main():
   torch.save(collections.OrderedDict(weight=torch.ones(2, 3)),
              os.path.join(HERE, 'legacy_format.pth'),
              _use_new_zipfile_serialization=False)
-  print(f'torch {torch.__version__}: wrote {len(out)} reference arrays.')
+  count = write_full_training_checkpoint()
+  print(f'torch {torch.__version__}: wrote {len(out)} reference arrays and '
+        f'a training checkpoint of {count} tensors.')
 
 
 if __name__ == '__main__':
