@@ -1,0 +1,1 @@
+"""Configs of `experiments.detr.train` (`get_config(arg)`)."""

@@ -1,0 +1,37 @@
+r"""A small DETR on the offline digits set (`make_synthetic_coco`).
+
+  python -m experiments.detr.make_synthetic_coco /tmp/digits_coco
+  python -m experiments.detr.train \
+      --config experiments/detr/configs/synthetic.py:rpe-2.0-product-ctx-1-k \
+      --workdir /tmp/detr_digits --config.data.root /tmp/digits_coco
+
+`ARG` as in `coco.py` ('plain' for no iRPE). A few hidden units, two
+encoder and decoder layers and 10 queries: minutes on a CPU.
+"""
+
+from experiments.detr.configs import coco
+
+
+def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'):
+  config = coco.get_config(arg)
+  config.seed = 0
+  config.data.update({
+      'train_images': 'train', 'eval_images': 'val',
+      'train_annotations': 'annotations/instances_train.json',
+      'eval_annotations': 'annotations/instances_val.json'})
+  config.input.update({
+      'batch_size': 8, 'eval_batch_size': 16,
+      'scales': (), 'eval_size': None,      # canvases at their own size.
+      'flip': False,                        # a mirrored digit is no digit.
+      'pad_sides': (64, 96, 128), 'max_objects': 4})
+  config.model.update({
+      'num_classes': 11, 'num_queries': 10, 'hidden_dim': 64,
+      'num_heads': 4, 'enc_layers': 2, 'dec_layers': 2,
+      'dim_feedforward': 128, 'dropout_rate': 0.0})
+  config.optim.update({'lr': 3e-4, 'backbone_lr': 3e-5, 'lr_drop_epoch': 0})
+  config.num_epochs = 20
+  config.num_train_examples = 512
+  config.log_every_steps = 10
+  config.eval_every_steps = 0
+  config.checkpoint_every_steps = 100
+  return config

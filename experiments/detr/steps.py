@@ -1,0 +1,141 @@
+"""DETR's training and prediction steps, on the state of `experiments.steps`.
+
+The state is the DeiT one (`step`, `params`, `opt_state`, `rng`,
+`nonfinite_steps`; see `experiments.steps`) plus `batch_stats`, the frozen
+batch norm of the backbone, so that `experiments.checkpoints` saves and
+verifies it unchanged. A `DetrRecipe` is the release's optimiser: AdamW,
+the backbone at its own learning rate with its stem and `layer1` frozen,
+gradient clipping, and a step decay of the learning rate.
+"""
+
+import dataclasses
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from irpe_jax.models import detr
+from irpe_jax.models import detr_criterion
+from irpe_jax.models import detr_postprocess
+
+State = Dict[str, Any]
+Batch = Dict[str, jax.Array]
+TARGET_KEYS = ('labels', 'boxes', 'valid')
+
+
+@dataclasses.dataclass(frozen=True)
+class DetrRecipe:
+  """The release's optimiser (`main.py` of DETR), hashable for jit caching.
+
+  Attributes:
+    lr: learning rate of the transformer and heads (1e-4).
+    backbone_lr: learning rate of ResNet `layer2`-`layer4` (1e-5).
+    weight_decay: AdamW's decoupled decay, on every parameter (1e-4).
+    grad_clip_norm: clip the global gradient norm (0.1); 0 for none.
+    lr_drop_step: multiply both rates by 0.1 from this step on (the
+      release's `lr_drop` epoch, in steps).
+    criterion: matching costs and loss weights.
+  """
+  lr: float = 1e-4
+  backbone_lr: float = 1e-5
+  weight_decay: float = 1e-4
+  grad_clip_norm: float = 0.1
+  lr_drop_step: int = 0
+  criterion: detr_criterion.CriterionConfig = (
+      detr_criterion.CriterionConfig())
+
+  def schedule(self, lr: float = None) -> optax.Schedule:
+    lr = self.lr if lr is None else lr
+    if self.lr_drop_step <= 0:
+      return optax.constant_schedule(lr)
+    return optax.piecewise_constant_schedule(lr, {self.lr_drop_step: 0.1})
+
+  def optimizer(self) -> optax.GradientTransformation:
+    """Clipping over the trained parameters, then AdamW per group.
+
+    The frozen parameters get zero gradients from `train_step` (their
+    gradient is stopped) and zero updates here (no weight decay either).
+    """
+    adamw = lambda lr: optax.adamw(self.schedule(lr), b1=0.9, b2=0.999,
+                                   eps=1e-8, weight_decay=self.weight_decay)
+    return optax.chain(
+        (optax.clip_by_global_norm(self.grad_clip_norm)
+         if self.grad_clip_norm else optax.identity()),
+        optax.multi_transform({'frozen': optax.set_to_zero(),
+                               'backbone': adamw(self.backbone_lr),
+                               'transformer': adamw(self.lr)},
+                              detr.param_labels))
+
+
+def _freeze(params: Any) -> Any:
+  # No backward pass through the stem and layer1 at all (not just a zeroed
+  # update): XLA drops their weight gradients.
+  return jax.tree.map(
+      lambda label, p: jax.lax.stop_gradient(p) if label == 'frozen' else p,
+      detr.param_labels(params), params)
+
+
+def train_step(state: State, batch: Batch, *, model: nn.Module,
+               recipe: DetrRecipe) -> Tuple[State, Dict[str, jax.Array]]:
+  """One step of the release's recipe on the set losses of every layer.
+
+  As in `experiments.steps.train_step`, a step whose loss or gradient norm
+  is not finite is not applied: it only advances `step` and counts itself
+  in `nonfinite_steps`.
+
+  Args:
+    state: the training state (module docstring).
+    batch: `images (B, H, W, 3)`, `pixel_mask (B, H, W)`, `labels (B, T)`,
+      `boxes (B, T, 4)`, `valid (B, T)` (see `experiments.detr.data`).
+    model: a `DETR`.
+    recipe: the optimiser.
+
+  Returns:
+    `(state, metrics)`: the release's named losses, `loss`, `grad_norm`,
+    `lr` and `nonfinite_steps`.
+  """
+  tx = recipe.optimizer()
+  key = jax.random.fold_in(jax.random.wrap_key_data(state['rng']),
+                           state['step'])
+  targets = {k: batch[k] for k in TARGET_KEYS}
+
+  def loss_fn(params):
+    outputs = model.apply(
+        {'params': _freeze(params), 'batch_stats': state['batch_stats']},
+        batch['images'], batch['pixel_mask'], deterministic=False,
+        rngs={'dropout': key})
+    losses = detr_criterion.set_criterion(outputs, targets, recipe.criterion)
+    losses.pop('matches')
+    return losses['loss'], losses
+
+  (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state['params'])
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  keep_new = lambda new, old: jnp.where(finite, new, old)
+  nonfinite_steps = state['nonfinite_steps'] + (~finite).astype(jnp.int32)
+  new_state = dict(state, step=state['step'] + 1,
+                   params=jax.tree.map(keep_new, params, state['params']),
+                   opt_state=jax.tree.map(keep_new, opt_state,
+                                          state['opt_state']),
+                   nonfinite_steps=nonfinite_steps)
+  metrics = dict(losses, grad_norm=grad_norm,
+                 lr=recipe.schedule()(state['step']),
+                 nonfinite_steps=nonfinite_steps)
+  return new_state, metrics
+
+
+def predict_step(variables: Any, batch: Batch, *, model: nn.Module
+                 ) -> Dict[str, jax.Array]:
+  """Detections of every query in pixels of the original images.
+
+  Returns:
+    `scores (B, Q)`, `labels (B, Q)`, `boxes (B, Q, 4)` (x0, y0, x1, y1),
+    as the release's `PostProcess`.
+  """
+  outputs = model.apply(variables, batch['images'], batch['pixel_mask'])
+  return detr_postprocess.post_process(outputs, batch['orig_size'])

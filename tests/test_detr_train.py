@@ -1,0 +1,128 @@
+"""DETR training: the offline digits set, padded batches, COCO AP, resume.
+
+The training tests run the real ResNet-50 DETR (the only backbones the model
+offers are ResNet-50/101) at 64x64 pixels with a two-layer transformer, on
+one padded batch shape, so the step compiles once for the module.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.detr import coco_eval
+from experiments.detr import data
+from experiments.detr import make_synthetic_coco
+from experiments.detr import train
+from experiments.detr.configs import coco as coco_config
+from experiments.detr.configs import synthetic
+
+
+@pytest.fixture(scope='module')
+def digits(tmp_path_factory):
+  root = tmp_path_factory.mktemp('digits')
+  make_synthetic_coco.make(str(root), num_train=8, num_val=4, sides=(64,))
+  return root
+
+
+def test_synthetic_set_is_coco_with_tight_digit_boxes(digits):
+  coco = json.loads((digits / 'annotations/instances_train.json').read_text())
+  assert len(coco['images']) == 8
+  assert {c['id'] for c in coco['categories']} == set(range(1, 11))
+  for a in coco['annotations']:
+    x, y, w, h = a['bbox']
+    assert 0 <= x and x + w <= 64 and 0 <= y and y + h <= 64 and w * h > 0
+  examples = data.load_split(str(digits / 'train'),
+                             str(digits / 'annotations/instances_train.json'))
+  for e in examples:
+    assert 1 <= len(e['labels']) <= 4
+    assert (e['boxes'] > 0).all() and (e['boxes'] <= 1).all()
+
+
+def test_synthetic_set_is_reproducible(digits, tmp_path):
+  make_synthetic_coco.make(str(tmp_path), num_train=8, num_val=4, sides=(64,))
+  for name in ('instances_train.json', 'instances_val.json'):
+    assert ((tmp_path / 'annotations' / name).read_text()
+            == (digits / 'annotations' / name).read_text())
+
+
+def _example(height, width, objects=1):
+  return {'image': np.ones((height, width, 3), np.float32),
+          'labels': np.arange(objects, dtype=np.int32),
+          'boxes': np.full((objects, 4), 0.5, np.float32),
+          'image_id': np.int64(7), 'orig_size': np.array([height, width])}
+
+
+def test_batches_pad_to_the_fixed_shapes_and_mark_the_padding():
+  batch = data.collate([_example(50, 70, 2), _example(64, 30)], (64, 96), 3)
+  assert batch['images'].shape == (2, 64, 96, 3)
+  assert batch['pixel_mask'][0, :50, :70].sum() == 0
+  assert batch['pixel_mask'][0].sum() == 64 * 96 - 50 * 70
+  np.testing.assert_array_equal(batch['valid'], [[1, 1, 0], [1, 0, 0]])
+  with pytest.raises(ValueError, match='larger than every pad_sides'):
+    data.collate([_example(100, 10)], (64, 96), 3)
+  with pytest.raises(ValueError, match='more than max_objects=1'):
+    data.collate([_example(10, 10, 2)], (64,), 1)
+
+
+def test_flip_mirrors_the_boxes():
+  example = dict(_example(8, 8), boxes=np.array([[0.2, 0.3, 0.1, 0.2]],
+                                                np.float32),
+                 image=np.zeros((8, 8, 3), np.uint8))
+  flips = [data.augment(example, np.random.default_rng(s), (), 1333, True)
+           for s in range(8)]
+  centres = {round(float(f['boxes'][0, 0]), 5) for f in flips}
+  assert centres == {0.2, 0.8}
+
+
+def test_perfect_detections_score_ap_one(digits):
+  ann = str(digits / 'annotations/instances_val.json')
+  coco = json.loads(open(ann).read())
+  detections = [{'image_id': a['image_id'], 'category_id': a['category_id'],
+                 'bbox': a['bbox'], 'score': 1.0}
+                for a in coco['annotations']]
+  ap = coco_eval.coco_ap(ann, detections)
+  assert ap['AP'] == pytest.approx(1.0) and ap['AP50'] == pytest.approx(1.0)
+  wrong = [dict(d, category_id=d['category_id'] % 10 + 1) for d in detections]
+  assert coco_eval.coco_ap(ann, wrong)['AP'] == 0.0
+
+
+def test_coco_configs_are_the_release_recipe():
+  for arg in coco_config.RELEASED:
+    config = coco_config.get_config(arg)
+    assert config.optim.lr == 1e-4 and config.optim.backbone_lr == 1e-5
+    assert config.optim.weight_decay == 1e-4
+    assert config.optim.grad_clip_norm == 0.1
+    assert config.model.enc_rpe2d == ('' if arg == 'plain' else arg)
+  with pytest.raises(ValueError, match='config arg'):
+    coco_config.get_config('rpe')
+
+
+def _tiny_config(root):
+  config = synthetic.get_config('rpe-2.0-product-ctx-1-k')
+  config.data.root = str(root)
+  config.input.update({'batch_size': 2, 'eval_batch_size': 4,
+                       'pad_sides': (64,)})
+  config.total_steps = 4
+  config.log_every_steps = 1
+  config.eval_every_steps = -1
+  config.checkpoint_every_steps = 2
+  config.progress_bar = False
+  return config
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
+  config = _tiny_config(digits)
+  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
+  train.train_and_evaluate(config, str(tmp_path / 'killed'), stop_at_step=2)
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'killed'))
+  assert whole['step'] == resumed['step'] == 4
+  assert whole['compiles'] == 1
+  jax.tree.map(np.testing.assert_array_equal, whole['state']['params'],
+               resumed['state']['params'])
+  first = json.loads((tmp_path / 'whole/metrics.jsonl').read_text()
+                     .splitlines()[0])
+  for name in ('train/loss', 'train/loss_ce', 'train/loss_giou_0',
+               'train/class_error', 'train/cardinality_error'):
+    assert np.isfinite(first[name])
