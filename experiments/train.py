@@ -18,9 +18,12 @@ lives in the config (`configs/common.py`).
 """
 
 import functools
+import importlib.util
+import logging as std_logging
+import os
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from absl import app
 from absl import flags
@@ -33,6 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
+import tqdm
 
 import irpe_jax
 from experiments import checkpoints
@@ -40,6 +44,7 @@ from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import optim
 from experiments import steps
+from experiments.configs import common
 from irpe_jax import convert
 from irpe_jax import models
 
@@ -58,6 +63,99 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() with automatic '
     'cluster detection (Cloud TPU pods, SLURM).')
+LOG_LEVELS = ('debug', 'info', 'warning', 'error')
+_LOG_LEVEL = flags.DEFINE_enum(
+    'log_level', 'info', LOG_LEVELS, "Lowest level of this program's log "
+    'lines. The libraries (jax, orbax, grain, tfds, absl) log only warnings '
+    'and errors, or everything at debug.')
+
+# Log records from files under this folder are the program's own; all
+# others are the libraries'.
+_OWN_CODE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+class _TqdmHandler(std_logging.Handler):
+  """One line per record, written above the progress bar (`tqdm.write`)."""
+
+  def emit(self, record: std_logging.LogRecord) -> None:
+    try:
+      tqdm.tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+def configure_logging(level: str = 'info') -> std_logging.Handler:
+  """Routes all log records through one filtered, bar-safe handler.
+
+  The program's own records (from `experiments/`) show from `level` on;
+  the libraries' (orbax, jax, grain, tfds, absl) from warning on, or all
+  of them at 'debug'. Each record is one `HH:MM:SS LEVEL message` line
+  written with `tqdm.write`, so a progress bar stays whole below it.
+
+  Args:
+    level: one of `LOG_LEVELS`.
+
+  Returns:
+    The installed handler (the root logger's only one).
+  """
+  if level not in LOG_LEVELS:
+    raise ValueError(f'log level {level!r}; expected one of {LOG_LEVELS}.')
+  own = getattr(std_logging, level.upper())
+  others = std_logging.DEBUG if level == 'debug' else max(own,
+                                                          std_logging.WARNING)
+
+  def keep(record: std_logging.LogRecord) -> bool:
+    mine = os.path.abspath(record.pathname).startswith(_OWN_CODE)
+    return record.levelno >= (own if mine else others)
+
+  handler = _TqdmHandler()
+  handler.addFilter(keep)
+  handler.setFormatter(std_logging.Formatter(
+      '%(asctime)s %(levelname)s %(message)s', datefmt='%H:%M:%S'))
+  root = std_logging.getLogger()
+  for old in list(root.handlers):
+    root.removeHandler(old)
+  root.addHandler(handler)
+  root.setLevel(min(own, others))
+  # absl's logger (orbax, grain and this program log through it) passes
+  # everything to the handler, which decides.
+  logging.set_verbosity(min(own, others))
+  std_logging.captureWarnings(True)
+  return handler
+
+
+def load_config(spec: str) -> Any:
+  """`get_config([ARG])` of a config file given as `FILE[:ARG]`."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ValueError(f'config {spec!r}: no such file {path!r}.')
+  module_spec = importlib.util.spec_from_file_location('_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def usage_with_config_keys(argv: List[str]) -> str:
+  """This docstring, then every config key with its value and meaning.
+
+  The values are those of `--config` when it is given, else the DeiT
+  recipe's defaults (`configs/common.py`), which every config starts from.
+  """
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      spec = arg[len('--config='):]
+    elif arg == '--config' and i + 1 < len(argv):
+      spec = argv[i + 1]
+  config, source = common.deit_recipe(), 'experiments/configs/common.py'
+  if spec:
+    try:
+      config, source = load_config(spec), spec
+    except Exception as e:  # pylint: disable=broad-except
+      source = f'common.py (--config {spec} did not load: {e})'
+  keys = common.describe(config).replace('%', '%%')
+  return (__doc__.replace('%', '%%') + '\nConfig keys (override with '
+          f'--config.KEY=VALUE; values of {source}):\n{keys}\n')
 
 NONFINITE_POLICIES = ('stop', 'skip')
 
@@ -345,6 +443,7 @@ def train_and_evaluate(config: Any, workdir: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  configure_logging(_LOG_LEVEL.value)
   if _COORDINATOR.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                                _PROCESS_ID.value)
@@ -363,5 +462,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # `--help` prints the main module's docstring: add the config keys to it.
+  sys.modules['__main__'].__doc__ = usage_with_config_keys(sys.argv)
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -492,3 +492,73 @@ def test_async_checkpoints_get_their_sums_and_resume(four_device_run,
   assert checkpoints.verify_checksums(str(tmp_path / 'checkpoints' / '4'))
   assert_same_params(train_worker.flat_params(out['params']),
                      four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
+
+
+# --- The command line: config keys in --help, one line per log record. -----
+
+
+def shipped_configs():
+  """Every shipped config, with each argument a config file documents."""
+  from experiments.configs import (  # pylint: disable=g-import-not-at-top
+      cifar10_tiny, cifar_finetune, deit_ablation, deit_imagenet,
+      digits_folder)
+  yield cifar10_tiny.get_config()
+  yield digits_folder.get_config()
+  yield cifar_finetune.get_config('cifar10')
+  yield deit_ablation.get_config('index=clip,abs=0,shared=0')
+  for size in ('tiny', 'small', 'base'):
+    for rpe_on in ('none', 'k', 'qkv'):
+      yield deit_imagenet.get_config(f'{size}_{rpe_on}')
+
+
+def test_every_key_of_every_shipped_config_is_described():
+  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  for config in shipped_configs():
+    for key, _ in common.flat_items(config):
+      assert common.DESCRIPTIONS.get(key), key
+
+
+def test_help_lists_every_config_key_with_its_value_and_meaning():
+  out = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', '--help', '--config',
+       'experiments/configs/digits_folder.py'], cwd=REPO, capture_output=True,
+      text=True, timeout=300, check=False)
+  text = out.stdout + out.stderr
+  assert '--log_level' in text
+  assert 'values of experiments/configs/digits_folder.py' in text
+  assert "input.flip = False" in text and 'random horizontal flip' in text
+  assert 'optim.reference_batch = 64' in text
+
+
+def test_a_run_prints_one_line_per_metric_and_no_library_chatter(
+    image_folder, tmp_path, capfd):
+  root = logging.getLogger()
+  saved = root.handlers[:], root.level
+  try:
+    train.configure_logging('info')
+    config = train_worker.tiny_config(f'folder:{image_folder}')
+    config.progress_bar = True
+    train.train_and_evaluate(config, str(tmp_path))
+  finally:
+    for handler in root.handlers[:]:
+      root.removeHandler(handler)
+    for handler in saved[0]:
+      root.addHandler(handler)
+    root.setLevel(saved[1])
+  out, err = capfd.readouterr()
+  # tiny_config: 4 steps, a train line each, an eval line every 2 steps.
+  metric_lines = [l for l in out.splitlines() if '] train: ' in l
+                  or '] eval: ' in l]
+  assert len(metric_lines) == 6
+  # stderr: the bar (carriage returns) and this program's own INFO lines.
+  log_lines = [l.split('\r')[-1] for l in err.split('\n') if l.strip()]
+  own = [l for l in log_lines if ' INFO ' in l]
+  assert 1 <= len(own) <= 4, own
+  assert not [l for l in log_lines if 'orbax' in l.lower()
+              or 'checkpoint_manager' in l or 'xla_bridge' in l]
+  assert len(log_lines) <= len(own) + 2, log_lines  # + the bar's lines.
+
+
+def test_log_level_is_checked():
+  with pytest.raises(ValueError, match="'loud'"):
+    train.configure_logging('loud')

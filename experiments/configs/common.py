@@ -3,7 +3,7 @@
 Every other config starts from `deit_recipe()` and changes what differs.
 """
 
-from typing import Optional
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import ml_collections
 
@@ -80,3 +80,99 @@ def model_name(size: str, rpe_on: Optional[str]) -> str:
   if not rpe_on or rpe_on == 'none':
     return base
   return f'{base}_ctx_product_50_shared_{rpe_on}'
+
+
+# The meaning of every config key, once: `python -m experiments.train --help`
+# lists them with their defaults, and a test checks that every key of every
+# shipped config is here.
+DESCRIPTIONS: Dict[str, str] = {
+    'seed': 'seed of the init, the data order, augmentation and dropout',
+    'dataset': "tfds name ('imagenet2012', 'cifar10', 'name/config') or "
+               "'folder:PATH' with PATH/SPLIT/CLASS/IMAGE files",
+    'data_dir': "tfds data directory (None: tfds' default, "
+                '~/tensorflow_datasets)',
+    'train_split': "training split ('train', 'train[:90%]', a folder name)",
+    'eval_split': 'evaluation split',
+    'num_classes': "classes of the head (None: the dataset's)",
+    'input.batch_size': 'global training batch, over all devices and hosts',
+    'input.eval_batch_size': 'global eval batch (padded, padding masked)',
+    'input.image_size': 'side of the square model input in pixels',
+    'input.random_resized_crop': 'train: random resized crop (else resize)',
+    'input.crop_scale': 'train: (min, max) area share of the random crop',
+    'input.flip': 'train: random horizontal flip',
+    'input.randaugment_ops': 'train: RandAugment ops per image (0: off)',
+    'input.randaugment_magnitude': 'train: RandAugment magnitude (0-10)',
+    'input.randaugment_magnitude_std': 'train: std of the magnitude noise',
+    'input.random_erasing': 'train: random erasing probability (0: off)',
+    'input.crop_fraction': 'eval: resize to image_size / crop_fraction, '
+                           'centre crop image_size',
+    'input.num_threads': 'image decoding and augmentation threads per host',
+    'input.prefetch': 'batches prepared ahead per host',
+    'mixup_alpha': 'Beta parameter of mixup (0: off)',
+    'cutmix_alpha': 'Beta parameter of cutmix (0: off)',
+    'mixup_switch_prob': 'probability of cutmix when both are on',
+    'label_smoothing': 'label smoothing of the targets',
+    'model_name': 'registered model (irpe_jax.models.list_models()); None: '
+                  'a VisionTransformer of the model fields',
+    'model': 'VisionTransformer fields, overriding the registered model',
+    'model.drop_path_rate': 'stochastic depth rate of the last block',
+    'model.patch_size': 'side of the square patches in pixels',
+    'model.embed_dim': 'token width',
+    'model.depth': 'number of blocks',
+    'model.num_heads': 'attention heads per block',
+    'model.mlp_ratio': 'MLP hidden width / embed_dim',
+    'model.qkv_bias': 'biases on the q, k, v projections',
+    'model.use_abs_pos_embed': 'learnable absolute position embedding',
+    'rpe': 'irpe_jax.get_rpe_config keywords (None: no iRPE, or the '
+           "registered model's)",
+    'rpe.ratio': 'iRPE ratio: alpha, beta, gamma = r, 2r, 8r',
+    'rpe.method': "iRPE bucketing: 'euc', 'quant', 'cross', 'product'",
+    'rpe.mode': "iRPE mode: 'bias' or 'ctx' (contextual)",
+    'rpe.shared_head': 'one iRPE table for all heads',
+    'rpe.skip': 'leading tokens without position (1: the class token)',
+    'rpe.rpe_on': "where iRPE goes: 'q', 'k', 'v' or a combination",
+    'rpe.index_fn': "index function g: 'piecewise' or 'clip' (Table 3)",
+    'dtype': "compute dtype: 'float32', or 'bfloat16' (fp32 parameters)",
+    'init_from': 'fine-tune from this .pth/.npz/msgpack (heads dropped, '
+                 "pos_embed resampled); '': from scratch",
+    'optim.base_lr': 'peak learning rate per reference_batch images',
+    'optim.reference_batch': 'the lr scales linearly with batch_size / this',
+    'optim.weight_decay': 'AdamW weight decay (not on biases, norms, '
+                          'tokens, position embeddings, iRPE tables)',
+    'optim.warmup_epochs': 'linear warm-up length in epochs',
+    'optim.warmup_lr': 'learning rate at step 0',
+    'optim.min_lr': 'learning rate at the end of the cosine',
+    'optim.grad_clip_norm': 'clip the global gradient norm (0: off)',
+    'num_epochs': 'training length in epochs',
+    'total_steps': 'training length in steps; > 0 overrides num_epochs',
+    'warmup_steps': 'warm-up in steps; overrides warmup_epochs if set',
+    'log_every_steps': 'a train metrics line every this many steps',
+    'progress_bar': 'True/False forces the progress bar; None: on a '
+                    'terminal only',
+    'eval_every_steps': 'evaluate (and offer best/) every this many steps',
+    'checkpoint_every_steps': 'save a checkpoint every this many steps',
+    'keep_checkpoints': 'how many of the latest checkpoints to keep',
+    'async_checkpoints': 'save while training goes on',
+    'nonfinite_policy': "a non-finite loss or gradient is never applied; "
+                        "'stop' ends the run at the next log/eval/save, "
+                        "'skip' goes on and counts them",
+}
+
+
+def flat_items(config: Any, prefix: str = '') -> Iterator[Tuple[str, Any]]:
+  """`(dotted key, value)` of every leaf of a config, dicts opened."""
+  for key, value in config.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      yield from flat_items(value, name + '.')
+    else:
+      yield name, value
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every key of `config` with its value and meaning, one per line."""
+  lines = []
+  for key, value in flat_items(config):
+    lines.append(f'  {key + " = " + repr(value):44s} '
+                 f'{DESCRIPTIONS.get(key, "?")}')
+  return '\n'.join(lines)
