@@ -13,6 +13,7 @@ import pytest
 
 from experiments.detr import coco_eval
 from experiments.detr import data
+from experiments.detr import evaluate
 from experiments.detr import make_synthetic_coco
 from experiments.detr import train
 from experiments.detr.configs import coco as coco_config
@@ -102,7 +103,7 @@ def test_coco_configs_are_the_release_recipe():
 def _tiny_config(root):
   config = synthetic.get_config('rpe-2.0-product-ctx-1-k')
   config.data.root = str(root)
-  config.input.update({'batch_size': 2, 'eval_batch_size': 4,
+  config.input.update({'batch_size': 4, 'eval_batch_size': 4,
                        'pad_sides': (64,)})
   config.total_steps = 4
   config.log_every_steps = 1
@@ -121,6 +122,11 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
   assert whole['compiles'] == 1
   jax.tree.map(np.testing.assert_array_equal, whole['state']['params'],
                resumed['state']['params'])
+  # The evaluate command reads a run's workdir as it reads a release .pth.
+  restored = evaluate.load_variables(config, str(tmp_path / 'killed'))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
+               {'params': resumed['state']['params'],
+                'batch_stats': resumed['state']['batch_stats']})
   first = json.loads((tmp_path / 'whole/metrics.jsonl').read_text()
                      .splitlines()[0])
   for name in ('train/loss', 'train/loss_ce', 'train/loss_giou_0',

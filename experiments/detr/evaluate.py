@@ -1,0 +1,74 @@
+r"""COCO box AP of a DETR checkpoint: a released `.pth` or a training run.
+
+  python -m experiments.detr.evaluate \
+      --config experiments/detr/configs/coco.py:rpe-2.0-product-ctx-1-k \
+      --config.data.root /data/coco --checkpoint rpe-2.0-product-ctx-1-k.pth
+
+`--checkpoint` is either a PyTorch checkpoint of the release (converted on
+load by `irpe_jax.convert`) or the `--workdir` of `experiments.detr.train`
+(its newest checkpoint that verifies). Prints AP, AP50, AP75, APs/m/l and
+the recalls on `config.data.eval_*`.
+"""
+
+import os
+from typing import Any, Dict
+
+from absl import app
+from absl import flags
+import jax
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+import numpy as np
+
+from experiments import checkpoints
+from experiments import train as deit_train
+from experiments.detr import data
+from experiments.detr import train
+from irpe_jax import convert
+
+
+def load_variables(config: Any, path: str) -> Dict[str, Any]:
+  """`{'params', 'batch_stats'}` of a release `.pth` or a training workdir."""
+  model = train.build_model(config)
+  if os.path.isdir(path):
+    recipe = train.recipe_of(config, 1)
+    target = train.init_state(model, recipe, config)
+    state = checkpoints.Checkpoints(path, config.keep_checkpoints,
+                                    False).restore(target)
+    if state is None:
+      raise ValueError(f'--checkpoint {path!r} holds no checkpoint.')
+    return {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return convert.load_torch_checkpoint(path, model)
+
+
+def evaluate_checkpoint(config: Any, path: str) -> Dict[str, float]:
+  """pycocotools' box metrics of the checkpoint at `path`."""
+  mesh = Mesh(np.array(jax.devices()), ('data',))
+  root = config.data.root
+  ann = os.path.join(root, config.data.eval_annotations)
+  examples = data.load_split(os.path.join(root, config.data.eval_images), ann)
+  model = train.build_model(config)
+  _, predict_step = train.compiled_steps(
+      model, train.recipe_of(config, 1), mesh)
+  variables = deit_train.replicate(load_variables(config, path),
+                                   NamedSharding(mesh, P()))
+  return train.evaluate(predict_step, variables, examples, config, ann,
+                        NamedSharding(mesh, P('data')))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError('Too many command-line arguments.')
+  metrics = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.checkpoint)
+  for name, value in metrics.items():
+    print(f'{name:>6s} {value:.3f}')
+
+
+if __name__ == '__main__':
+  if 'config' not in flags.FLAGS:
+    config_flags.DEFINE_config_file('config', None, 'DETR config.')
+  flags.DEFINE_string('checkpoint', None, 'Release .pth or a train workdir.')
+  flags.mark_flags_as_required(['config', 'checkpoint'])
+  app.run(main)
