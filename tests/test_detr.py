@@ -451,10 +451,23 @@ def test_bad_inputs_raise_at_trace_time(images, mask, match):
     (dict(hidden_dim=6, num_heads=2), 'hidden_dim=6 must be divisible by 4'),
     (dict(backbone='resnet18'), "backbone='resnet18'"),
     (dict(num_queries=0), 'num_queries'),
+    (dict(backbone_width=0), 'backbone_width'),
 ])
 def test_bad_fields_are_named(fields, match):
   with pytest.raises((ValueError, TypeError), match=match):
     models.expected_params(models.DETR(**fields))
+
+
+def test_a_small_backbone_keeps_the_names_and_narrows_the_channels():
+  small = models.DETR(backbone='resnet14', backbone_width=8)
+  shapes = jax.eval_shape(lambda rng: detr.init_variables(small, rng),
+                          jax.random.key(0))
+  body = shapes['params']['backbone_0']['body']
+  assert sorted(body) == ['conv1', 'layer1_0', 'layer2_0', 'layer3_0',
+                          'layer4_0']
+  assert body['conv1']['kernel'].shape == (7, 7, 3, 8)
+  assert body['layer4_0']['conv3']['kernel'].shape == (1, 1, 64, 256)
+  assert shapes['params']['input_proj']['kernel'].shape == (1, 1, 256, 256)
 
 
 def _tiny_transformer(**kwargs):

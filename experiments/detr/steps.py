@@ -36,6 +36,9 @@ class DetrRecipe:
     grad_clip_norm: clip the global gradient norm (0.1); 0 for none.
     lr_drop_step: multiply both rates by 0.1 from this step on (the
       release's `lr_drop` epoch, in steps).
+    freeze_stem: freeze the ResNet stem and `layer1`, as the release does
+      for its ImageNet backbone; a backbone trained from scratch (the
+      offline demo) must train them.
     criterion: matching costs and loss weights.
   """
   lr: float = 1e-4
@@ -43,6 +46,7 @@ class DetrRecipe:
   weight_decay: float = 1e-4
   grad_clip_norm: float = 0.1
   lr_drop_step: int = 0
+  freeze_stem: bool = True
   criterion: detr_criterion.CriterionConfig = (
       detr_criterion.CriterionConfig())
 
@@ -66,15 +70,22 @@ class DetrRecipe:
         optax.multi_transform({'frozen': optax.set_to_zero(),
                                'backbone': adamw(self.backbone_lr),
                                'transformer': adamw(self.lr)},
-                              detr.param_labels))
+                              self.labels))
+
+  def labels(self, params: Any) -> Any:
+    """`detr.param_labels`, with no 'frozen' group unless `freeze_stem`."""
+    labels = detr.param_labels(params)
+    if self.freeze_stem:
+      return labels
+    return jax.tree.map(lambda l: 'backbone' if l == 'frozen' else l, labels)
 
 
-def _freeze(params: Any) -> Any:
+def _freeze(params: Any, recipe: DetrRecipe) -> Any:
   # No backward pass through the stem and layer1 at all (not just a zeroed
   # update): XLA drops their weight gradients.
   return jax.tree.map(
       lambda label, p: jax.lax.stop_gradient(p) if label == 'frozen' else p,
-      detr.param_labels(params), params)
+      recipe.labels(params), params)
 
 
 def train_step(state: State, batch: Batch, *, model: nn.Module,
@@ -103,7 +114,7 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
 
   def loss_fn(params):
     outputs = model.apply(
-        {'params': _freeze(params), 'batch_stats': state['batch_stats']},
+        {'params': _freeze(params, recipe), 'batch_stats': state['batch_stats']},
         batch['images'], batch['pixel_mask'], deterministic=False,
         rngs={'dropout': key})
     losses = detr_criterion.set_criterion(outputs, targets, recipe.criterion)

@@ -52,7 +52,8 @@ def recipe_of(config: Any, steps_per_epoch: int) -> steps.DetrRecipe:
   return steps.DetrRecipe(
       lr=o.lr, backbone_lr=o.backbone_lr, weight_decay=o.weight_decay,
       grad_clip_norm=o.grad_clip_norm,
-      lr_drop_step=o.lr_drop_epoch * steps_per_epoch)
+      lr_drop_step=o.lr_drop_epoch * steps_per_epoch,
+      freeze_stem=o.get('freeze_stem', True))
 
 
 @functools.lru_cache(maxsize=8)

@@ -138,18 +138,21 @@ class Backbone(nn.Module):
   """The release's `Backbone`: the ResNet `body` and the shrunk mask.
 
   Attributes:
-    arch: 'resnet50' or 'resnet101' (`resnet.DEPTHS`).
+    arch: a key of `resnet.DEPTHS` ('resnet50', 'resnet101', 'resnet14').
+    width: the ResNet's `width` (torchvision's 64).
   """
   arch: str = 'resnet50'
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
+  width: int = 64
 
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array
                ) -> Tuple[jax.Array, jax.Array]:
     """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`."""
     features = resnet.ResNet(resnet.DEPTHS[self.arch], self.dtype,
-                             self.param_dtype, name='body')(images)
+                             self.param_dtype, self.width,
+                             name='body')(images)
     return features, shrink_mask(pixel_mask, *features.shape[1:3])
 
 
@@ -200,7 +203,11 @@ class DETR(nn.Module):
     dim_feedforward: hidden size of the feed-forward networks.
     dropout_rate: transformer dropout (the release's 0.1).
     aux_loss: also return the predictions of decoder layers 1..L-1.
-    backbone: 'resnet50' or 'resnet101'.
+    backbone: 'resnet50' or 'resnet101' (the release's), or 'resnet14'
+      (one bottleneck per stage, no released weights: for training from
+      scratch on a CPU).
+    backbone_width: the ResNet's stem width, doubled per stage; 64 as
+      torchvision (released weights need 64), e.g. 8 for a tiny model.
     rpe_table_init: 'xavier_uniform' (the release) or 'zeros', or an
       initializer.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
@@ -220,6 +227,7 @@ class DETR(nn.Module):
   dropout_rate: float = 0.1
   aux_loss: bool = True
   backbone: str = 'resnet50'
+  backbone_width: int = 64
   rpe_table_init: Any = 'xavier_uniform'
   impl: str = 'auto'
   remat: bool = False
@@ -245,7 +253,7 @@ class DETR(nn.Module):
     for name, minimum in (('num_classes', 1), ('num_queries', 1),
                           ('hidden_dim', 4), ('num_heads', 1),
                           ('enc_layers', 0), ('dec_layers', 1),
-                          ('dim_feedforward', 1)):
+                          ('dim_feedforward', 1), ('backbone_width', 1)):
       _checks.check_int(name, getattr(self, name), minimum)
     # The sine encoding interleaves sin and cos over hidden_dim / 2 features.
     if self.hidden_dim % self.num_heads or self.hidden_dim % 4:
@@ -296,6 +304,7 @@ class DETR(nn.Module):
     self._check(images, pixel_mask)
     rpe_config = self.rpe_config
     features, mask = Backbone(self.backbone, self.dtype, self.param_dtype,
+                              self.backbone_width,
                               name='backbone_0')(images, pixel_mask)
     self.sow('intermediates', 'backbone_features', features)
     pos = sine_position_encoding(mask, self.hidden_dim // 2)

@@ -1,4 +1,4 @@
-"""ResNet-50/101 with frozen batch norm: the body of DETR's backbone.
+"""Bottleneck ResNets with frozen batch norm: the body of DETR's backbone.
 
 torchvision's ResNet (v1.5: the stride sits on the 3x3 conv of a bottleneck)
 with DETR's `FrozenBatchNorm2d` (Carion et al., ECCV 2020, `models/
@@ -6,6 +6,11 @@ backbone.py`), so that torchvision's ImageNet weights and the iRPE release's
 DETR checkpoints convert one to one (see `irpe_jax.convert`). Names follow
 torchvision: `conv1`, `bn1`, `layer{1..4}_{i}/{conv1, bn1, conv2, bn2, conv3,
 bn3, downsample_0, downsample_1}`.
+
+Besides torchvision's ResNet-50/101, `resnet14` (one bottleneck per stage)
+and a narrower `width` make a backbone small enough to train DETR from
+scratch on a CPU, for tests and the offline demo; they have no released
+weights.
 
 Convolutions pad as PyTorch does, the same amount on every side (`k // 2`),
 not Flax's 'SAME', which pads a stride-2 layer on an even input only at the
@@ -20,6 +25,7 @@ import jax.numpy as jnp
 
 # Bottleneck blocks per stage (He et al. 2016, Table 1).
 DEPTHS = {
+    'resnet14': (1, 1, 1, 1),  # 1 + 4 * 3 convs + the (absent) fc.
     'resnet50': (3, 4, 6, 3),
     'resnet101': (3, 4, 23, 3),
 }
@@ -109,29 +115,32 @@ class ResNet(nn.Module):
 
   Attributes:
     depths: bottlenecks per stage; `DEPTHS['resnet50']` by default.
+    width: channels of the stem and of the first stage's 3x3 convs,
+      doubled at each stage; torchvision's 64.
     dtype: computation dtype.
     param_dtype: parameter and buffer dtype.
   """
   depths: Tuple[int, ...] = DEPTHS['resnet50']
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
+  width: int = 64
 
   @property
   def num_channels(self) -> int:
     """Channels of the `layer4` output."""
-    return 64 * 2 ** (len(self.depths) - 1) * EXPANSION
+    return self.width * 2 ** (len(self.depths) - 1) * EXPANSION
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    """`(B, H, W, 3)` -> `(B, ceil(H / 32), ceil(W / 32), 2048)` features."""
-    x = _conv(64, 7, 2, 'conv1', self.dtype, self.param_dtype)(images)
+    """`(B, H, W, 3)` -> `(B, ceil(H / 32), ceil(W / 32), num_channels)`."""
+    x = _conv(self.width, 7, 2, 'conv1', self.dtype, self.param_dtype)(images)
     x = nn.relu(FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                                 name='bn1')(x))
     # Padding takes part in the max as -inf, as in PyTorch's MaxPool2d.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-    in_channels = 64
+    in_channels = self.width
     for stage, blocks in enumerate(self.depths):
-      width = 64 * 2 ** stage
+      width = self.width * 2 ** stage
       for i in range(blocks):
         stride = 2 if stage > 0 and i == 0 else 1
         x = Bottleneck(

@@ -49,6 +49,7 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'
       'enc_rpe2d': '' if arg == 'plain' else arg,
       'hidden_dim': 256, 'num_heads': 8, 'enc_layers': 6, 'dec_layers': 6,
       'dim_feedforward': 2048, 'dropout_rate': 0.1, 'backbone': 'resnet50',
+      'backbone_width': 64,
       'rpe_table_init': 'xavier_uniform', 'remat': False,
   })
   # torchvision's ImageNet ResNet-50 `.pth` for the backbone ('' = random).
@@ -56,6 +57,7 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'
   config.optim = ml_collections.ConfigDict({
       'lr': 1e-4, 'backbone_lr': 1e-5, 'weight_decay': 1e-4,
       'grad_clip_norm': 0.1, 'lr_drop_epoch': 100,
+      'freeze_stem': True,   # the release's frozen stem and layer1.
   })
   config.num_epochs = 150
   config.num_train_examples = COCO_TRAIN_IMAGES  # for epochs -> steps.
