@@ -185,13 +185,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
       model = models.create_model(args.model)
       input_config = ml_collections.ConfigDict({
           'image_size': model.img_size, 'eval_batch_size': 256,
-          'crop_fraction': RELEASE_CROP_FRACTION, 'prefetch': 2})
+          'crop_fraction': RELEASE_CROP_FRACTION})
     else:
       config = train.load_config(args.config)
       model = train.build_model(config, config.num_classes or num_classes)
       input_config = config.input
     input_config = ml_collections.ConfigDict(dict(input_config))
     input_config.num_threads = args.num_threads
+    # grain uses at most `prefetch` of the threads.
+    input_config.prefetch = max(input_config.get('prefetch', 0),
+                                args.num_threads)
     if args.batch_size:
       input_config.eval_batch_size = args.batch_size
     if num_classes > model.num_classes:

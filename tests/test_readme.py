@@ -1,0 +1,98 @@
+"""Every code block of README.md runs as written.
+
+Python blocks run each in a fresh namespace (so each must be
+self-contained), in README order; bash blocks run with `bash -e` from the
+repository root, `python` being this interpreter. A block that cannot run
+here (it needs a download, ImageNet, or minutes) carries the HTML comment
+`<!-- not-tested: REASON -->` on the line before it, and is listed, not run.
+Fenced blocks without a language are printed output or listings, not code.
+"""
+
+import dataclasses
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from typing import List, Optional
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+README = REPO / 'README.md'
+CODE = ('python', 'bash')
+NOT_CODE = ('', 'text', 'bibtex')  # output, listings, citations.
+MARKER = re.compile(r'^<!--\s*not-tested:\s*(.*?)\s*-->$')
+
+
+@dataclasses.dataclass
+class Block:
+  line: int             # 1-based line of the opening fence.
+  lang: str
+  code: str
+  not_tested: Optional[str]  # the marker's reason, if any.
+
+
+def readme_blocks() -> List[Block]:
+  blocks, lines = [], README.read_text().splitlines()
+  i = 0
+  while i < len(lines):
+    fence = re.match(r'^```\s*([\w+-]*)\s*$', lines[i])
+    if not fence:
+      i += 1
+      continue
+    previous = next((l.strip() for l in reversed(lines[:i]) if l.strip()), '')
+    marker = MARKER.match(previous)
+    end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(
+        '```'))
+    blocks.append(Block(i + 1, fence.group(1), '\n'.join(lines[i + 1:end]),
+                        marker.group(1) if marker else None))
+    i = end + 1
+  return blocks
+
+
+BLOCKS = readme_blocks()
+RUN = [b for b in BLOCKS if b.lang in CODE and b.not_tested is None]
+
+
+def test_every_block_is_known_code_or_output_and_skips_say_why():
+  for block in BLOCKS:
+    assert block.lang in CODE + NOT_CODE, (
+        f'README.md:{block.line}: unknown block language {block.lang!r}')
+    if block.not_tested is not None:
+      assert block.lang in CODE, (
+          f'README.md:{block.line}: a not-tested marker on a non-code block')
+      assert len(block.not_tested) >= 10, (
+          f'README.md:{block.line}: say why the block is not tested')
+  text = README.read_text()
+  assert text.count('not-tested:') == sum(
+      b.not_tested is not None for b in BLOCKS), (
+          'a not-tested marker that is not right before a code block')
+  assert [b for b in RUN if b.lang == 'python'], 'no Python block runs'
+
+
+@pytest.mark.parametrize('block', [b for b in RUN if b.lang == 'python'],
+                         ids=lambda b: f'line{b.line}')
+def test_python_block_runs(block):
+  code = compile(block.code, f'README.md:{block.line}', 'exec')
+  exec(code, {'__name__': '__readme__'})  # pylint: disable=exec-used
+
+
+@pytest.fixture(scope='module')
+def python_on_path(tmp_path_factory):
+  """A PATH whose `python` is this interpreter (with its packages)."""
+  folder = tmp_path_factory.mktemp('bin')
+  (folder / 'python').symlink_to(sys.executable)
+  return f'{folder}{os.pathsep}{os.environ["PATH"]}'
+
+
+@pytest.mark.parametrize('block', [b for b in RUN if b.lang == 'bash'],
+                         ids=lambda b: f'line{b.line}')
+def test_shell_block_runs(block, python_on_path):
+  env = dict(os.environ, PATH=python_on_path)
+  env.pop('XLA_FLAGS', None)  # as a user's shell: one CPU device.
+  result = subprocess.run(['bash', '-e', '-c', block.code], cwd=REPO,
+                          env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+  assert result.returncode == 0, (
+      f'README.md:{block.line} failed:\n{result.stdout}\n{result.stderr}')
