@@ -11,7 +11,9 @@ Layers, each importing only those before it: `buckets` (bucket ids, numpy)
 """
 
 from irpe_jax.attention import attention_with_rpe
+from irpe_jax.buckets import BucketGeometry
 from irpe_jax.buckets import clip_index
+from irpe_jax.buckets import get_bucket_geometry
 from irpe_jax.buckets import get_bucket_ids_2d
 from irpe_jax.buckets import piecewise_index
 from irpe_jax.config import get_rpe_config
@@ -33,10 +35,12 @@ __version__ = '0.1.0'
 
 __all__ = (
     'attention_with_rpe',
+    'BucketGeometry',
     'bucket_gather',
     'bucket_scatter',
     'build_rpe',
     'clip_index',
+    'get_bucket_geometry',
     'get_bucket_ids_2d',
     'get_rpe_config',
     'get_single_rpe_config',

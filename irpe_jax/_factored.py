@@ -153,14 +153,15 @@ def _pairs_to_buckets(s: jax.Array, touching: Optional[jax.Array],
 
 
 def scatter(a: jax.Array, geometry: BucketGeometry,
-            transpose: bool = False) -> jax.Array:
+            x_tokens_last: bool = False) -> jax.Array:
   """`s[..., i, t] = sum_{j : ids[i, j] = t} a[..., i, j]`, factored.
 
   Args:
     a: `(..., L, L)` values, e.g. attention weights.
     geometry: the bucket geometry of the ids.
-    transpose: read `a` with its last two axes swapped, `s[..., j, t] =
-      sum_{i : ids[j, i] = t} a[..., i, j]`, with no transpose pass.
+    x_tokens_last: read `a` with its last two axes swapped (the output's
+      tokens last), `s[..., j, t] = sum_{i : ids[j, i] = t} a[..., i, j]`,
+      with no transpose pass.
 
   Returns:
     `(..., L, nb)` array of `a.dtype`, accumulated in at least float32.
@@ -169,5 +170,5 @@ def scatter(a: jax.Array, geometry: BucketGeometry,
   # recomputed for every row class.
   x = jax.lax.optimization_barrier(
       a.astype(jnp.promote_types(a.dtype, jnp.float32)))
-  s, touching = _class_pair_sums(x, geometry, transpose)
+  s, touching = _class_pair_sums(x, geometry, x_tokens_last)
   return _pairs_to_buckets(s, touching, geometry).astype(a.dtype)

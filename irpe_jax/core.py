@@ -102,8 +102,7 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
       of `x` with token `j`; True returns it with the tokens of `x` on the
       last axis, `e[b, h, j, i]`. rpe_q encodes the keys so, ready to add
       to the `(query, key)` logits; the lookup writes this layout directly,
-      with no transpose pass over `(B, H, L, L)`. (`irpe_jax.ops` calls it
-      `transpose_output`.)
+      with no transpose pass over `(B, H, L, L)`.
     scale: encode `x * scale` instead of `x`. The contextual lookups are
       linear in `x`, so the scale goes on the table (a `(D, nb)` multiply
       instead of a pass over `x`, and no scaled copy of `x` kept for the
@@ -132,9 +131,11 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
   ids = bucket_ids_for(config, method, num_buckets, length, height, width)
   if mode == 'bias':
     return ops.bias_encoding(table, ids, impl, x_tokens_last).astype(x.dtype)
-  table = table.astype(x.dtype)
+  # The table stays in its own dtype: the lookup computes in x's and
+  # accumulates the table's gradient in float32 (see `irpe_jax.ops`).
   if scale is not None:
-    table = table * jnp.asarray(scale, x.dtype)
+    table = table * jnp.asarray(scale,
+                                jnp.promote_types(table.dtype, x.dtype))
   if for_qk:
     if table.shape[1] != x.shape[3]:
       raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '

@@ -2,34 +2,54 @@
 
 Shapes: `x (B, H, L, D)` per-head features, `a (B, H, L, L)` attention
 weights, `nb` buckets, `Ht` table heads (H, or 1 when heads share the table).
-`ids` is the static `buckets.BucketGeometry` of a table (what the modules
-pass, through `core.rpe_lookup`), or its bare `(L, L)` int32 bucket ids.
+`ids` is the static `BucketGeometry` of a table (what the modules pass,
+through `core.rpe_lookup`; build one with `irpe_jax.get_bucket_geometry`),
+or its bare `(L, L)` int32 bucket ids. Give the public `bucket_gather` and
+`bucket_scatter` the geometry: it is what the fast paths factor over.
 
 Contextual q/k, computed as the paper's efficient implementation (Wu et al.,
 ICCV 2021, Sec. 3.2): `z = x @ table (B, H, L, nb)`, then the bucket gather
 `e[..., i, j] = z[..., i, ids[i, j]]`. Contextual v is the mirror: the bucket
 scatter `s[..., i, t] = sum_{ids[i, j] = t} a[..., i, j]`, then `s @ table`.
-Gather and scatter are each other's transpose; both also come transposed
-(`transpose=True`: the encoding rpe_q adds to the logits is `e[..., j, i]`),
-read and written in place rather than through a transpose pass over
-`(..., L, L)`. How each is computed is the `impl`:
+Gather and scatter are each other's transpose; both also come with
+`x_tokens_last=True` (the encoding rpe_q adds to the logits, `e[..., j, i]`,
+with the tokens of z's rows on the last axis), read and written in place
+rather than through a transpose pass over `(..., L, L)`. How each is
+computed is the `impl`:
 
 - 'factored': the gather is one `jnp.take` with a constant `(L * L,)` index
   into rows flattened to `(L * nb)` (see `_flat_gather`); the scatter sums
   over the geometry's row classes, then its column classes (see
   `irpe_jax._factored`). Each is the other's backward (custom VJP), so the
   contextual lookups emit no XLA scatter-add; the table contraction's
-  gradient is a custom VJP too (see `_head_matmul`). Custom VJPs have no
-  forward-mode autodiff (`jax.jvp`); the other impls keep it. Given bare
-  ids, which carry no geometry, the scatter is the one-hot contraction.
-- 'onehot': both directions as one-hot contractions (matrix units on TPU).
+  gradient is a custom VJP too (see `_head_matmul`). Given bare ids, which
+  carry no geometry, the scatter is the one-hot contraction.
+- 'onehot': both directions as one-hot contractions, again each the
+  other's backward: no gather and no scatter at all, only matmuls (the
+  matrix units of a TPU).
 - 'naive': materialise the `(L, L, D)` encodings, as the release's v path
-  does; `take_along_axis` and `segment_sum` for the bare gather and scatter.
-- 'auto': the best choice for the backend. Measured on CPU with
-  `python -m experiments.bench_rpe` (DeiT-S shapes): 'factored'. Reasoned, not
-  measured: 'onehot' on TPU, where gathers are slow and one-hot contractions
-  run on the matrix units; 'factored' on GPU, where its elementwise passes are
-  memory-bound and its contextual lookups emit no scatter-add (slow on GPU).
+  does; `take_along_axis` and `segment_sum` for the bare gather and scatter;
+  plain autodiff.
+- 'auto': chosen per platform when the function is lowered (by
+  `jax.lax.platform_dependent`, not from the backend at trace time), so one
+  jitted or exported function runs the right impl on every platform:
+  'onehot' on TPU, 'factored' on CPU, GPU (CUDA, ROCm) and anything else
+  (`AUTO_IMPLS`). On CPU 'factored' is measured fastest (`python -m
+  experiments.bench_rpe`, DeiT-S shapes). On TPU 'onehot' is reasoned, not
+  yet measured: gathers and scatters are slow there and one-hot
+  contractions run on the matrix units. On GPU 'factored' is reasoned: its
+  passes are memory-bound and its contextual lookups emit no scatter-add
+  (slow, atomic, on GPU). `scripts/accelerator_check.sh` measures both.
+  A function lowered for several platforms at once (`jax.export` with
+  `platforms=`) holds every branch and picks one when it is compiled.
+
+Mixed precision: the table may be wider than the input (float32 parameters,
+bfloat16 compute). The lookup then computes in the input's dtype and the
+table's gradient, a sum over every `(b, h, l)` row, is accumulated and
+returned in float32 (see `_head_matmul`); the bucket scatters ('factored'
+and 'onehot') sum in float32 too and round once. Forward-mode autodiff
+(`jax.jvp`) needs 'naive' with input and table of one dtype: the other
+paths are custom VJPs (and 'auto' holds them).
 
 XLA's own gather and scatter-add (`take_along_axis` and its autodiff, 8x
 slower than 'factored' for rpe_k forward+backward on CPU) are kept as the
@@ -37,7 +57,7 @@ benchmark baseline `_xla_qk_encoding` / `_xla_v_encoding`, not as an impl.
 """
 
 import functools
-from typing import Optional, Tuple, Union
+from typing import Callable, Mapping, Optional, Tuple, Union
 
 import jax
 import jax.numpy as jnp
@@ -47,26 +67,58 @@ from irpe_jax import _factored
 from irpe_jax.buckets import BucketGeometry
 
 IMPLS = ('auto', 'factored', 'onehot', 'naive')
+# What 'auto' runs on each platform, chosen at lowering; every platform not
+# named here (cpu, cuda, rocm, ...) runs AUTO_DEFAULT.
+AUTO_IMPLS: Mapping[str, str] = {'tpu': 'onehot'}
+AUTO_DEFAULT = 'factored'
 
 _HIGHEST = _factored.HIGHEST
 _onehot = _factored.onehot
 
 # Impls whose lookups have custom VJPs (no forward-mode autodiff).
-_CUSTOM_VJP_IMPLS = ('factored',)
+_CUSTOM_VJP_IMPLS = ('factored', 'onehot')
 
 Ids = Union[BucketGeometry, np.ndarray]
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps 'auto' to the fastest measured impl on the default backend."""
+def resolve_impl(impl: str, platform: Optional[str] = None) -> str:
+  """The impl that `impl` runs on `platform`; raises for an unknown impl.
+
+  Args:
+    impl: one of `IMPLS`.
+    platform: 'cpu', 'cuda', 'rocm', 'gpu', 'tpu', ...; default the default
+      backend. Only informs: inside a function, 'auto' is decided when it
+      is lowered, for the platform it is lowered for.
+
+  Returns:
+    `impl` itself, or for 'auto' the impl of `platform`.
+  """
   if impl not in IMPLS:
     raise ValueError(f'Unknown impl {impl!r}; expected one of {IMPLS}.')
   if impl != 'auto':
     return impl
-  # CPU: measured with experiments/bench_rpe.py. TPU and GPU: reasoned (see
-  # the module docstring); gathers are slow on TPU, where the one-hot
-  # contraction runs on the matrix units.
-  return 'onehot' if jax.default_backend() == 'tpu' else 'factored'
+  platform = jax.default_backend() if platform is None else platform
+  return AUTO_IMPLS.get(platform, AUTO_DEFAULT)
+
+
+def _per_platform(fn: Callable[..., jax.Array], impl: str, *args: jax.Array,
+                  **static) -> jax.Array:
+  """`fn(*args, impl=impl, **static)`, 'auto' resolved at lowering time.
+
+  For 'auto', every impl of `AUTO_IMPLS` is traced and the lowering keeps
+  the one of the platform it lowers for (`jax.lax.platform_dependent`):
+  a function jitted or exported on one backend still runs the right impl
+  on another. Each branch is differentiable on its own; their custom VJPs
+  (if any) sit inside the branches.
+  """
+  resolve_impl(impl)
+  if impl != 'auto':
+    return fn(*args, impl=impl, **static)
+  branches = {platform: functools.partial(fn, impl=choice, **static)
+              for platform, choice in AUTO_IMPLS.items()}
+  return jax.lax.platform_dependent(
+      *args, default=functools.partial(fn, impl=AUTO_DEFAULT, **static),
+      **branches)
 
 
 def _unpack(ids: Ids, num_buckets: Optional[int] = None
@@ -94,16 +146,34 @@ def _check_last_axes(name: str, x: jax.Array, expected: Tuple[int, int]):
                      f'{expected[1]}) for these ids, got {x.shape}.')
 
 
-def _contract_gather(z, ids, num_buckets, transpose=False):
+def _contract_gather(z, ids, num_buckets, x_tokens_last=False):
   onehot = _onehot(ids, num_buckets, z.dtype)
-  spec = '...jn,jin->...ij' if transpose else '...in,ijn->...ij'
+  spec = '...jn,jin->...ij' if x_tokens_last else '...in,ijn->...ij'
   return jnp.einsum(spec, z, onehot, precision=_HIGHEST)
 
 
-def _contract_scatter(a, ids, num_buckets, transpose=False):
-  onehot = _onehot(ids, num_buckets, a.dtype)
-  spec = '...ij,jin->...jn' if transpose else '...ij,ijn->...in'
-  return jnp.einsum(spec, a, onehot, precision=_HIGHEST)
+def _contract_scatter(a, ids, num_buckets, x_tokens_last=False):
+  """The bucket sums as a one-hot contraction, summed in float32 (or wider).
+
+  Sums of up to L terms, rounded once to `a.dtype`. Matrix units (TPU, GPU)
+  take bf16 operands and sum in float32; XLA's CPU would sum a bf16
+  contraction in bf16 (a third of the value off at L = 1025) and has no
+  bf16 x bf16 -> float32 batched dot, so there the operands are widened.
+  """
+  spec = '...ij,jin->...jn' if x_tokens_last else '...ij,ijn->...in'
+  wide = jnp.promote_types(a.dtype, jnp.float32)
+
+  def contract(a, operand_dtype):
+    onehot = _onehot(ids, num_buckets, operand_dtype)
+    return jnp.einsum(spec, a.astype(operand_dtype), onehot,
+                      precision=_HIGHEST,
+                      preferred_element_type=wide).astype(a.dtype)
+
+  if a.dtype == wide:
+    return contract(a, wide)
+  return jax.lax.platform_dependent(
+      a, cpu=functools.partial(contract, operand_dtype=wide),
+      default=functools.partial(contract, operand_dtype=a.dtype))
 
 
 def _take_gather(z, ids):
@@ -120,18 +190,18 @@ def _segment_scatter(a, ids, num_buckets):
   return jnp.moveaxis(out, 0, -1).reshape(a.shape[:-2] + (lq, num_buckets))
 
 
-def _flat_gather(z, ids, transpose=False):
+def _flat_gather(z, ids, x_tokens_last=False):
   """`_take_gather` with an `(L * L,)` index into rows flattened to `L * nb`.
 
   `take_along_axis` broadcasts the ids to full gather indices, `(..., L, L,
   ndim)` int32; when two lookups share them (rpe_q and rpe_k), XLA
   materialises that array (60 MB at DeiT-S batch 16) instead of fusing it.
-  With `transpose`, `out[..., i, j] = z[..., j, ids[j, i]]`: the transposed
-  encoding read straight from z, with no `(L, L)` transpose pass.
+  With `x_tokens_last`, `out[..., i, j] = z[..., j, ids[j, i]]`: the
+  swapped encoding read straight from z, with no `(L, L)` transpose pass.
   """
   lq, nb = z.shape[-2:]
   rows_of = np.arange(lq, dtype=np.int32) * nb
-  if transpose:
+  if x_tokens_last:
     flat = (rows_of[None, :] + ids.T).reshape(-1)
   else:
     flat = (rows_of[:, None] + ids).reshape(-1)
@@ -143,20 +213,23 @@ def _flat_gather(z, ids, transpose=False):
 class _Static:
   """The static side of a custom-VJP lookup, hashable for `nondiff_argnums`.
 
-  With a `geometry` the scatter is factored over it; without, it is the
-  one-hot contraction of `ids`. `transpose` makes the gather return, and the
-  scatter read, `(.., L, L)` arrays with the query and key axes swapped.
+  `impl` 'factored': the gather takes from flattened rows and, with a
+  `geometry`, the scatter is factored over it (without, it is the one-hot
+  contraction of `ids`); 'onehot': both are one-hot contractions.
+  `x_tokens_last` makes the gather return, and the scatter read,
+  `(.., L, L)` arrays with their two axes swapped.
   """
 
-  def __init__(self, ids: np.ndarray, num_buckets: int,
-               geometry: Optional[BucketGeometry], transpose: bool):
+  def __init__(self, impl: str, ids: np.ndarray, num_buckets: int,
+               geometry: Optional[BucketGeometry], x_tokens_last: bool):
+    self.impl = impl
     self.ids = ids
     self.num_buckets = num_buckets
-    self.geometry = geometry
-    self.transpose = transpose
+    self.geometry = geometry if impl == 'factored' else None
+    self.x_tokens_last = x_tokens_last
     # A geometry hashes by its arguments; bare ids by their bytes.
-    self._key = (geometry, transpose) if geometry is not None else (
-        ids.shape, num_buckets, transpose, ids.tobytes())
+    self._key = (impl, geometry, x_tokens_last) if geometry is not None else (
+        impl, ids.shape, num_buckets, x_tokens_last, ids.tobytes())
 
   def __hash__(self):
     return hash(self._key)
@@ -167,7 +240,10 @@ class _Static:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _gather_custom(z, static):
-  return _flat_gather(z, static.ids, static.transpose)
+  if static.impl == 'onehot':
+    return _contract_gather(z, static.ids, static.num_buckets,
+                            static.x_tokens_last)
+  return _flat_gather(z, static.ids, static.x_tokens_last)
 
 
 def _gather_fwd(z, static):
@@ -184,9 +260,9 @@ _gather_custom.defvjp(_gather_fwd, _gather_bwd)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _scatter_custom(a, static):
   if static.geometry is not None:
-    return _factored.scatter(a, static.geometry, static.transpose)
+    return _factored.scatter(a, static.geometry, static.x_tokens_last)
   return _contract_scatter(a, static.ids, static.num_buckets,
-                           static.transpose)
+                           static.x_tokens_last)
 
 
 def _scatter_fwd(a, static):
@@ -200,67 +276,78 @@ def _scatter_bwd(static, _, g):
 _scatter_custom.defvjp(_scatter_fwd, _scatter_bwd)
 
 
+def _gather(z, ids, num_buckets, *, impl, x_tokens_last):
+  ids, num_buckets, geometry = _unpack(ids, num_buckets)
+  _check_last_axes('z', z, (ids.shape[0], num_buckets))
+  if impl in _CUSTOM_VJP_IMPLS:
+    return _gather_custom(z, _Static(impl, ids, num_buckets, geometry,
+                                     x_tokens_last))
+  out = _take_gather(z, ids)
+  return jnp.swapaxes(out, -1, -2) if x_tokens_last else out
+
+
+def _scatter(a, ids, num_buckets, *, impl, x_tokens_last):
+  ids, num_buckets, geometry = _unpack(ids, num_buckets)
+  _check_last_axes('a', a, ids.shape)
+  if impl in _CUSTOM_VJP_IMPLS:
+    return _scatter_custom(a, _Static(impl, ids, num_buckets, geometry,
+                                      x_tokens_last))
+  if x_tokens_last:
+    a = jnp.swapaxes(a, -1, -2)
+  return _segment_scatter(a, ids, num_buckets)
+
+
 def bucket_gather(z: jax.Array, ids: Ids, num_buckets: Optional[int] = None,
-                  impl: str = 'auto', transpose: bool = False) -> jax.Array:
+                  impl: str = 'auto', x_tokens_last: bool = False
+                  ) -> jax.Array:
   """`e[..., i, j] = z[..., i, ids[i, j]]`.
 
   Args:
-    z: `(..., L, nb)` per-query bucket values.
-    ids: the `buckets.BucketGeometry` of the ids, or bare `(L, L)` static
-      int32 bucket ids, all in `[0, nb)`.
+    z: `(..., L, nb)` per-token bucket values (row `i` for token `i` of x).
+    ids: the `BucketGeometry` of the ids (`irpe_jax.get_bucket_geometry`),
+      or bare `(L, L)` static int32 bucket ids, all in `[0, nb)`.
     num_buckets: `nb`; may be left out with a geometry.
     impl: one of `IMPLS` ('naive' is `take_along_axis` here).
-    transpose: return `e` with its last two axes swapped, `out[..., i, j] =
-      z[..., j, ids[j, i]]`; 'factored' and 'onehot' read it
-      straight from z, with no transpose pass over the `(L, L)` result.
+    x_tokens_last: return `e` with z's tokens on the last axis,
+      `out[..., i, j] = z[..., j, ids[j, i]]`; 'factored' and 'onehot'
+      read it straight from z, with no transpose pass over the result.
 
   Returns:
     `(..., L, L)` array of `z.dtype`. Its gradient, with 'factored', is the
     factored `bucket_scatter` when `ids` is a geometry.
   """
-  impl = resolve_impl(impl)
-  ids, num_buckets, geometry = _unpack(ids, num_buckets)
-  _check_last_axes('z', z, (ids.shape[0], num_buckets))
-  if impl == 'factored':
-    return _gather_custom(z, _Static(ids, num_buckets, geometry, transpose))
-  if impl == 'onehot':
-    return _contract_gather(z, ids, num_buckets, transpose)
-  out = _take_gather(z, ids)
-  return jnp.swapaxes(out, -1, -2) if transpose else out
+  return _per_platform(_gather, impl, z, ids=ids, num_buckets=num_buckets,
+                       x_tokens_last=x_tokens_last)
 
 
 def bucket_scatter(a: jax.Array, ids: Ids, num_buckets: Optional[int] = None,
-                   impl: str = 'auto', transpose: bool = False) -> jax.Array:
+                   impl: str = 'auto', x_tokens_last: bool = False
+                   ) -> jax.Array:
   """`s[..., i, t] = sum_{j : ids[i, j] = t} a[..., i, j]`.
 
   Args:
     a: `(..., L, L)` values, e.g. attention weights.
-    ids: the `buckets.BucketGeometry` of the ids, or bare `(L, L)` static
-      int32 bucket ids, all in `[0, nb)`. 'factored' needs the geometry to
-      factor the sum; with bare ids it is the one-hot contraction.
+    ids: the `BucketGeometry` of the ids (`irpe_jax.get_bucket_geometry`),
+      or bare `(L, L)` static int32 bucket ids, all in `[0, nb)`.
+      'factored' needs the geometry to factor the sum; with bare ids it is
+      the one-hot contraction.
     num_buckets: `nb`; may be left out with a geometry.
     impl: one of `IMPLS` ('naive' is `segment_sum` here).
-    transpose: read `a` with its last two axes swapped, `s[..., j, t] =
-      sum_{i : ids[j, i] = t} a[..., i, j]` (the transpose of
-      `bucket_gather(..., transpose=True)`), with no transpose pass for
-      'factored' and 'onehot'.
+    x_tokens_last: read `a` with the output's tokens on its last axis,
+      `s[..., j, t] = sum_{i : ids[j, i] = t} a[..., i, j]` (the transpose
+      of `bucket_gather(..., x_tokens_last=True)`), with no transpose pass
+      for 'factored' and 'onehot'.
 
   Returns:
-    `(..., L, nb)` array of `a.dtype`.
+    `(..., L, nb)` array of `a.dtype`; 'factored' sums in float32 (or
+    wider) whatever the dtype of `a`.
   """
-  impl = resolve_impl(impl)
-  ids, num_buckets, geometry = _unpack(ids, num_buckets)
-  _check_last_axes('a', a, ids.shape)
-  if impl == 'factored':
-    return _scatter_custom(a, _Static(ids, num_buckets, geometry, transpose))
-  if impl == 'onehot':
-    return _contract_scatter(a, ids, num_buckets, transpose)
-  if transpose:
-    a = jnp.swapaxes(a, -1, -2)
-  return _segment_scatter(a, ids, num_buckets)
+  return _per_platform(_scatter, impl, a, ids=ids, num_buckets=num_buckets,
+                       x_tokens_last=x_tokens_last)
 
 
 def _head_einsum(x: jax.Array, table: jax.Array) -> jax.Array:
+  table = table.astype(x.dtype)
   if table.shape[0] == 1:
     return jnp.einsum('bhlk,kn->bhln', x, table[0])
   return jnp.einsum('bhlk,hkn->bhln', x, table)
@@ -277,14 +364,16 @@ def _head_matmul_fwd(x, table):
 
 def _head_matmul_bwd(res, g):
   x, table = res
+  compute = table.astype(x.dtype)
+  # Long sums over B * H * L rows: accumulated in float32 for bf16 inputs,
+  # and returned in the table's dtype (no bf16 rounding of a float32 table).
   if table.shape[0] == 1:
-    dx = jnp.einsum('bhln,kn->bhlk', g, table[0])
+    dx = jnp.einsum('bhln,kn->bhlk', g, compute[0])
     k, n = table.shape[1:]
-    # Long sums over B * H * L rows: accumulate in float32 for bf16 inputs.
     dtable = jnp.dot(x.reshape(-1, k).T, g.reshape(-1, n),
                      preferred_element_type=jnp.float32)[None]
   else:
-    dx = jnp.einsum('bhln,hkn->bhlk', g, table)
+    dx = jnp.einsum('bhln,hkn->bhlk', g, compute)
     dtable = jnp.einsum('bhlk,bhln->hkn', x, g,
                         preferred_element_type=jnp.float32)
   return dx.astype(x.dtype), dtable.astype(table.dtype)
@@ -308,35 +397,27 @@ def _head_matmul(x: jax.Array, table: jax.Array,
                  custom_vjp: bool) -> jax.Array:
   """`out[b, h, l, :] = x[b, h, l, :] @ table[h]`, `table (Ht, K, N)`.
 
-  The table's gradient sums over every (b, h, l) row. Left to autodiff, XLA
-  CPU computes it from a transposed copy of the cotangent with a slow
-  transposed-operand dot; with `custom_vjp` it is one matmul of `x^T` and the
-  cotangent (rpe_k forward+backward about 1.3x faster at DeiT-S shapes).
-  Only the impls that already have a custom VJP use it, so the others keep
-  forward-mode autodiff. Inside `shard_map`, where a replicated table's
-  gradient must be summed over the mesh, autodiff is left to do that.
+  Computed in `x.dtype`. The table's gradient sums over every (b, h, l)
+  row. Left to autodiff, XLA CPU computes it from a transposed copy of the
+  cotangent with a slow transposed-operand dot, and a table wider than `x`
+  (float32 parameters, bf16 compute) gets its gradient rounded to `x.dtype`
+  by the cast. With the custom VJP it is one matmul of `x^T` and the
+  cotangent, accumulated in float32 and returned in the table's dtype
+  (rpe_k forward+backward about 1.3x faster at DeiT-S shapes on CPU). It is
+  used by the impls that already have custom VJPs (`custom_vjp`) and
+  wherever the dtypes differ; the others keep forward-mode autodiff. Inside
+  `shard_map`, where a replicated table's gradient must be summed over the
+  mesh, autodiff is left to do that.
   """
-  if not custom_vjp or _manual_axes(x) != _manual_axes(table):
-    return _head_einsum(x, table)
-  return _head_matmul_vjp(x, table)
+  if ((custom_vjp or table.dtype != x.dtype)
+      and _manual_axes(x) == _manual_axes(table)):
+    return _head_matmul_vjp(x, table)
+  return _head_einsum(x, table)
 
 
-def bias_encoding(table: jax.Array, ids: Ids, impl: str = 'auto',
-                  transpose_output: bool = False) -> jax.Array:
-  """Bias mode: `e[0, h, i, j] = table[h, ids[i, j]]`.
-
-  Args:
-    table: `(Ht, nb)` lookup table.
-    ids: the table's `BucketGeometry`, or its bare `(L, L)` bucket ids.
-    impl: one of `IMPLS`.
-    transpose_output: return `e[0, h, j, i]` instead.
-
-  Returns:
-    `(1, Ht, L, L)`, broadcastable over the batch as in the release.
-  """
-  impl = resolve_impl(impl)
+def _bias(table, ids, *, impl, x_tokens_last):
   ids, _, _ = _unpack(ids, table.shape[-1])
-  if transpose_output:
+  if x_tokens_last:
     ids = np.ascontiguousarray(ids.T)
   if impl == 'onehot':
     onehot = _onehot(ids, table.shape[-1], table.dtype)
@@ -347,30 +428,64 @@ def bias_encoding(table: jax.Array, ids: Ids, impl: str = 'auto',
   return out[None]
 
 
+def bias_encoding(table: jax.Array, ids: Ids, impl: str = 'auto',
+                  x_tokens_last: bool = False) -> jax.Array:
+  """Bias mode: `e[0, h, i, j] = table[h, ids[i, j]]`.
+
+  Args:
+    table: `(Ht, nb)` lookup table.
+    ids: the table's `BucketGeometry`, or its bare `(L, L)` bucket ids.
+    impl: one of `IMPLS` ('onehot' contracts a one-hot, the others take).
+    x_tokens_last: return `e[0, h, j, i]` instead (see `bucket_gather`).
+
+  Returns:
+    `(1, Ht, L, L)` of `table.dtype`, broadcastable over the batch as in
+    the release.
+  """
+  return _per_platform(_bias, impl, table, ids=ids,
+                       x_tokens_last=x_tokens_last)
+
+
+def _contextual_qk(x, table, ids, *, impl, x_tokens_last):
+  if impl == 'naive':
+    ids, _, _ = _unpack(ids, table.shape[-1])
+    # Taken in the table's dtype: the gradient's scatter-add sums in it.
+    weight = jnp.take(table, jnp.asarray(ids), axis=2).astype(x.dtype)
+    out = jnp.einsum('bhid,hdij->bhij', x, weight)  # weight (Ht, D, L, L)
+    return jnp.swapaxes(out, -1, -2) if x_tokens_last else out
+  z = _head_matmul(x, table, impl in _CUSTOM_VJP_IMPLS)
+  return _gather(z, ids, table.shape[-1], impl=impl,
+                 x_tokens_last=x_tokens_last)
+
+
 def contextual_qk_encoding(x: jax.Array, table: jax.Array, ids: Ids,
-                           impl: str = 'auto', transpose_output: bool = False
+                           impl: str = 'auto', x_tokens_last: bool = False
                            ) -> jax.Array:
   """Contextual mode on q or k: `e[b,h,i,j] = x[b,h,i,:] @ table[h,:,ids[i,j]]`.
 
   Args:
     x: `(B, H, L, D)` queries (for rpe_k) or keys (for rpe_q).
-    table: `(Ht, D, nb)` lookup table, `Ht` in `{1, H}`.
+    table: `(Ht, D, nb)` lookup table, `Ht` in `{1, H}`; may be wider than
+      `x` (its gradient then accumulates in float32).
     ids: the table's `BucketGeometry`, or its bare `(L, L)` bucket ids.
     impl: one of `IMPLS`.
-    transpose_output: return `e[b, h, j, i]` instead, as rpe_q adds it to the
+    x_tokens_last: return `e[b, h, j, i]` instead, as rpe_q adds it to the
       logits; see `bucket_gather`.
 
   Returns:
-    `(B, H, L, L)`.
+    `(B, H, L, L)` of `x.dtype`.
   """
-  impl = resolve_impl(impl)
+  return _per_platform(_contextual_qk, impl, x, table, ids=ids,
+                       x_tokens_last=x_tokens_last)
+
+
+def _contextual_v(a, table, ids, *, impl):
   if impl == 'naive':
-    ids, _, _ = _unpack(ids, table.shape[-1])
-    weight = jnp.take(table, jnp.asarray(ids), axis=2)  # (Ht, D, L, L)
-    out = jnp.einsum('bhid,hdij->bhij', x, weight)
-    return jnp.swapaxes(out, -1, -2) if transpose_output else out
-  z = _head_matmul(x, table, impl in _CUSTOM_VJP_IMPLS)
-  return bucket_gather(z, ids, table.shape[-1], impl, transpose_output)
+    ids, _, _ = _unpack(ids, table.shape[1])
+    weight = jnp.take(table, jnp.asarray(ids), axis=1).astype(a.dtype)
+    return jnp.einsum('bhij,hijd->bhid', a, weight)  # weight (Ht, L, L, D)
+  s = _scatter(a, ids, table.shape[1], impl=impl, x_tokens_last=False)
+  return _head_matmul(s, table, impl in _CUSTOM_VJP_IMPLS)
 
 
 def contextual_v_encoding(a: jax.Array, table: jax.Array, ids: Ids,
@@ -379,20 +494,15 @@ def contextual_v_encoding(a: jax.Array, table: jax.Array, ids: Ids,
 
   Args:
     a: `(B, H, L, L)` attention weights.
-    table: `(Ht, nb, D)` lookup table, `Ht` in `{1, H}`.
+    table: `(Ht, nb, D)` lookup table, `Ht` in `{1, H}`; may be wider than
+      `a` (its gradient then accumulates in float32).
     ids: the table's `BucketGeometry`, or its bare `(L, L)` bucket ids.
     impl: one of `IMPLS`.
 
   Returns:
-    `(B, H, L, D)`.
+    `(B, H, L, D)` of `a.dtype`.
   """
-  impl = resolve_impl(impl)
-  if impl == 'naive':
-    ids, _, _ = _unpack(ids, table.shape[1])
-    weight = jnp.take(table, jnp.asarray(ids), axis=1)  # (Ht, L, L, D)
-    return jnp.einsum('bhij,hijd->bhid', a, weight)
-  s = bucket_scatter(a, ids, table.shape[1], impl)
-  return _head_matmul(s, table, impl in _CUSTOM_VJP_IMPLS)
+  return _per_platform(_contextual_v, impl, a, table, ids=ids)
 
 
 def _xla_qk_encoding(x: jax.Array, table: jax.Array, ids: Ids) -> jax.Array:

@@ -44,7 +44,7 @@ def _encode(impl, target, x, table, ids):
   if target == 'v':
     return ops.contextual_v_encoding(x, table, ids, impl)
   return ops.contextual_qk_encoding(x, table, ids, impl,
-                                    transpose_output=target == 'q')
+                                    x_tokens_last=target == 'q')
 
 
 def _random_case(seed, target, num_buckets, table_heads, length=L):
@@ -93,40 +93,40 @@ def test_every_impl_equals_naive(method, ratio, target, shared, seed, bare):
       _assert_close_to_scale(g, ref, impl)
 
 
-@pytest.mark.parametrize('transpose', [False, True])
+@pytest.mark.parametrize('x_tokens_last', [False, True])
 @pytest.mark.parametrize('impl', irpe_jax.IMPLS)
-def test_bias_impls_agree(impl, transpose):
+def test_bias_impls_agree(impl, x_tokens_last):
   ids, nb = _ids()
   table = jax.random.normal(jax.random.key(0), (H, nb))
   ref = jnp.asarray(np.asarray(table)[:, ids.ids][None])
-  if transpose:
+  if x_tokens_last:
     ref = jnp.swapaxes(ref, -1, -2)
   encode = functools.partial(ops.bias_encoding, ids=ids, impl=impl,
-                             transpose_output=transpose)
+                             x_tokens_last=x_tokens_last)
   chex.assert_trees_all_close(encode(table), ref)
   grad = jax.grad(lambda t: jnp.sum(encode(t) ** 2))(table)
   expected = np.zeros((H, nb), np.float32)
-  np.add.at(expected, (slice(None), ids.ids.T if transpose else ids.ids),
+  np.add.at(expected, (slice(None), ids.ids.T if x_tokens_last else ids.ids),
             2 * np.asarray(ref[0]))
   np.testing.assert_allclose(grad, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('bare', [False, True])
-@pytest.mark.parametrize('transpose', [False, True])
+@pytest.mark.parametrize('x_tokens_last', [False, True])
 @pytest.mark.parametrize('impl', irpe_jax.IMPLS)
-def test_gather_and_scatter_are_transposes(impl, transpose, bare):
+def test_gather_and_scatter_are_transposes(impl, x_tokens_last, bare):
   ids, nb = _ids(bare=bare)
   z = jax.random.normal(jax.random.key(1), (B, H, L, nb))
   a = jax.random.normal(jax.random.key(2), (B, H, L, L))
   gather = functools.partial(ops.bucket_gather, ids=ids, num_buckets=nb,
-                             impl=impl, transpose=transpose)
+                             impl=impl, x_tokens_last=x_tokens_last)
   scatter = functools.partial(ops.bucket_scatter, ids=ids, num_buckets=nb,
-                              transpose=transpose)
+                              x_tokens_last=x_tokens_last)
   gathered = gather(z)
   expected = np.take_along_axis(np.asarray(z), np.broadcast_to(
       _array(ids), (B, H, L, L)), axis=-1)
   np.testing.assert_array_equal(
-      gathered, np.swapaxes(expected, -1, -2) if transpose else expected)
+      gathered, np.swapaxes(expected, -1, -2) if x_tokens_last else expected)
   # <gather(z), a> == <z, scatter(a)>, and the VJP of one is the other.
   np.testing.assert_allclose(jnp.vdot(gathered, a),
                              jnp.vdot(z, scatter(a, impl=impl)), rtol=1e-5)
@@ -177,8 +177,9 @@ def test_bfloat16_runs_finite(impl, target):
   np.testing.assert_allclose(y.astype(jnp.float32), ref, rtol=0.05, atol=0.1)
 
 
-# The impls with custom VJPs, whose rules must survive every transformation.
-CUSTOM_VJP_IMPLS = ('factored',)
+# The impls with custom VJPs, whose rules must survive every transformation,
+# and 'auto', whose per-platform choice must too.
+CUSTOM_VJP_IMPLS = ('factored', 'onehot', 'auto')
 
 
 class TransformsTest(chex.TestCase):
@@ -264,10 +265,31 @@ class TransformsTest(chex.TestCase):
                                 ref, rtol=1e-5, atol=1e-6)
 
 
-def test_auto_resolves_per_backend():
-  assert ops.resolve_impl('auto') in irpe_jax.IMPLS
+def test_auto_resolves_per_platform():
+  assert ops.resolve_impl('auto', 'tpu') == 'onehot'
+  for platform in ('cpu', 'cuda', 'rocm', 'gpu'):
+    assert ops.resolve_impl('auto', platform) == 'factored', platform
+  assert ops.resolve_impl('auto') == ops.resolve_impl('auto',
+                                                      jax.default_backend())
+  assert ops.resolve_impl('onehot', 'cpu') == 'onehot'
   with pytest.raises(ValueError, match="Unknown impl 'fast'"):
     ops.resolve_impl('fast')
+  with pytest.raises(ValueError, match="Unknown impl 'fast'"):
+    ops.bucket_gather(jnp.zeros((L, 50)), _ids()[0], impl='fast')
+
+
+def test_forward_mode_where_there_is_no_custom_vjp():
+  ids, nb = _ids()
+  x, table = _random_case(6, 'k', nb, 1)
+  dx = jnp.ones_like(x)
+  _, tangent = jax.jvp(lambda x: _encode('naive', 'k', x, table, ids), (x,),
+                       (dx,))
+  np.testing.assert_allclose(tangent, _encode('naive', 'k', dx, table, ids),
+                             rtol=1e-5, atol=1e-5)
+  for custom in CUSTOM_VJP_IMPLS:  # 'auto' holds the factored branch.
+    with pytest.raises(TypeError, match='forward-mode autodiff'):
+      jax.jvp(lambda x, impl=custom: _encode(impl, 'k', x, table, ids), (x,),
+              (dx,))
 
 
 @settings(max_examples=15, deadline=None)
@@ -287,11 +309,11 @@ def test_scatter_matches_numpy_on_any_grid(method, ratio, grid, skip, seed):
   a_swapped = np.ascontiguousarray(np.swapaxes(a, -1, -2))
   for impl in FAST_IMPLS:
     for given_ids in (geometry, ids):
-      for transpose, values in ((False, a), (True, a_swapped)):
+      for x_tokens_last, values in ((False, a), (True, a_swapped)):
         np.testing.assert_allclose(
             ops.bucket_scatter(jnp.asarray(values), given_ids, nb, impl,
-                               transpose),
-            expected, rtol=1e-5, atol=1e-5, err_msg=f'{impl} {transpose}')
+                               x_tokens_last),
+            expected, rtol=1e-5, atol=1e-5, err_msg=f'{impl} {x_tokens_last}')
 
 
 def _lowered_text(impl, target, ids, nb):
@@ -326,6 +348,16 @@ def test_factored_scatter_is_taken_for_every_method(method, target, skip):
   text = _lowered_text('factored', target, geometry.ids, nb)
   assert _has_tensor(text, length, length, nb)
   assert not _has_tensor(text, *row_sums)
+
+
+def test_auto_lowers_to_factored_on_cpu():
+  geometry, nb = _ids()
+  row_sums = (geometry.length, geometry.num_row_classes, geometry.width)
+  for target in 'kv':
+    text = _lowered_text('auto', target, geometry, nb)
+    assert _has_tensor(text, *row_sums), target  # the factored scatter
+    # No one-hot is built (the TPU branch's residuals may still be named).
+    assert f'tensor<{L}x{L}x{nb}xi1>' not in text, target
 
 
 @pytest.mark.parametrize('method', ['product', 'cross'])
