@@ -3,7 +3,7 @@ r"""Offline demo: what iRPE does for a small ViT on handwritten digits.
 Trains small vision transformers on scikit-learn's 8x8 handwritten digits
 (1797 images that ship inside scikit-learn: nothing is downloaded), cut into
 a 4x4 grid of 2x2-pixel patches, so that a model without any position
-encoding sees only a bag of 16 patches. Four variants, several seeds each:
+encoding sees only a bag of 16 patches. Four variants, four seeds each:
 
   none      no position encoding at all;
   abs       learnable absolute position embedding (plain ViT / DeiT);
@@ -19,9 +19,16 @@ compiles one of each. Prints a table of test accuracy
   learning_curves.png   train loss and test accuracy per epoch;
   accuracy.png          final test accuracy per variant, each seed a dot;
   attention_maps.png    attention of one query at the first and last block
-                        of a trained model of each variant (as Figure 5 of
-                        the paper);
-  bucket_maps.png       bucket ids of the four iRPE methods for one query.
+                        of a trained model of each variant, one colour scale
+                        (`irpe_jax.viz`; the 4x4 grid is too small to show
+                        the locality of the paper's Figure 5, which
+                        `experiments.figure5` shows on an 8x8 grid);
+  bucket_maps.png       bucket ids of the four iRPE methods (cross as its row
+                        and column tables, each method at its own ratio) for
+                        the centre query of a 15x15 grid.
+
+`--quick` is a smoke run (tiny models, two epochs, a subset): it checks that
+everything runs, and its accuracies mean nothing.
 
 Usage:
   python -m experiments.demo [--outdir DIR] [--seeds N] [--epochs N] [--quick]
@@ -44,6 +51,7 @@ import irpe_jax
 from experiments import plots
 from experiments import steps
 from irpe_jax import models
+from irpe_jax import viz
 
 # name -> (uses the absolute position embedding, iRPE targets or None).
 VARIANTS = {
@@ -71,31 +79,37 @@ class Settings:
   num_heads: int = 3
   mlp_ratio: float = 2.0
   drop_path_rate: float = 0.0
-  epochs: int = 30
+  epochs: int = 20
   batch_size: int = 128
   base_lr: float = 3e-3  # peak learning rate at batch_size.
   warmup_lr: float = 1e-6
   min_lr: float = 1e-5
   weight_decay: float = 0.05
-  warmup_epochs: int = 3
+  warmup_epochs: int = 2
   label_smoothing: float = 0.1
   max_shift: int = 0  # random translation by up to this many pixels.
-  num_seeds: int = 5
+  num_seeds: int = 4
   train_subset: int = 0  # > 0: use only this many training images.
+  upscale: int = 1  # digits upscaled (nearest) to 8 * upscale pixels.
+  smoke: bool = False  # a run that checks the code; accuracies mean nothing.
 
 
 QUICK = Settings(embed_dim=16, depth=2, num_heads=2, mlp_ratio=1.0,
                  epochs=2, batch_size=32, warmup_epochs=1, num_seeds=2,
-                 train_subset=256)
+                 train_subset=256, smoke=True)
+SMOKE_NOTE = ('SMOKE RUN (--quick): tiny models trained for seconds; it checks '
+              'that everything runs, and its accuracies mean nothing.')
 
 
-def load_digits(test_fraction: float = 0.25, split_seed: int = 0
+def load_digits(test_fraction: float = 0.25, split_seed: int = 0,
+                upscale: int = 1
                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """scikit-learn's digits as normalised `(N, 8, 8, 1)` float32 NHWC.
+  """scikit-learn's digits as normalised `(N, 8 s, 8 s, 1)` float32 NHWC.
 
   Args:
     test_fraction: held-out share, stratified by class.
     split_seed: seed of the (fixed) train/test split.
+    upscale: `s`, each pixel repeated `s x s` times.
 
   Returns:
     `(train_images, train_labels, test_images, test_labels)`.
@@ -104,6 +118,7 @@ def load_digits(test_fraction: float = 0.25, split_seed: int = 0
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
   images = digits.images.astype(np.float32)[..., None] / 16.0
+  images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
   labels = digits.target.astype(np.int32)
   x_train, x_test, y_train, y_test = model_selection.train_test_split(
       images, labels, test_size=test_fraction, stratify=labels,
@@ -114,7 +129,7 @@ def load_digits(test_fraction: float = 0.25, split_seed: int = 0
 
 def make_model(variant: str, settings: Settings,
                num_classes: int = 10) -> Any:
-  """The ViT of one variant on 8x8 single-channel digits."""
+  """The ViT of one variant on `8 upscale` px single-channel digits."""
   use_abs, rpe_on = VARIANTS[variant]
   rpe_config = None
   if rpe_on is not None:
@@ -122,7 +137,8 @@ def make_model(variant: str, settings: Settings,
         ratio=RPE_RATIO, method='product', mode='ctx', shared_head=True,
         skip=1, rpe_on=rpe_on)
   return models.VisionTransformer(
-      img_size=8, patch_size=settings.patch_size, in_chans=1,
+      img_size=8 * settings.upscale, patch_size=settings.patch_size,
+      in_chans=1,
       num_classes=num_classes,
       embed_dim=settings.embed_dim, depth=settings.depth,
       num_heads=settings.num_heads, mlp_ratio=settings.mlp_ratio,
@@ -193,7 +209,8 @@ def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
                                for s in seeds))
   state = jax.tree.map(lambda *xs: jnp.stack(xs), *(
       steps.init_state(
-          model.init(k, jnp.zeros((1, 8, 8, 1)), train=False)['params'],
+          model.init(k, jnp.zeros((1, *x_train.shape[1:])),
+                     train=False)['params'],
           recipe, step_key)
       for k, step_key in zip(init_keys, step_keys)))
   orders = [np.random.default_rng([s, 1]) for s in seeds]
@@ -223,6 +240,8 @@ def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
     if epoch == 0:
       compile_s += time.time() - t0
     acc = curves['test_accuracy'][:, epoch]
+    if epoch and (epoch + 1) % 5 and epoch + 1 < settings.epochs:
+      continue  # progress every 5 epochs.
     print(f'  {variant:9s} epoch {epoch + 1:3d}/{settings.epochs}  '
           f'loss {curves["train_loss"][:, epoch].mean():.3f}  '
           f'test acc {acc.mean():.3f} (+-{acc.std():.3f})  '
@@ -246,19 +265,11 @@ def train_variant(variant: str, settings: Settings, data: Sequence[np.ndarray],
 
 
 def attention_of(variant: str, settings: Settings, params: Any,
-                 image: np.ndarray) -> np.ndarray:
-  """Head-averaged attention weights `(depth, L, L)` of one image."""
+                 images: np.ndarray) -> np.ndarray:
+  """Head-averaged attention weights `(depth, B, L, L)` of `images`."""
   model = make_model(variant, settings)
-  _, state = model.apply({'params': params}, image[None],
-                         mutable=['intermediates'])
-  flat = jax.tree_util.tree_flatten_with_path(state['intermediates'])[0]
-  per_block = {}
-  for path, value in flat:
-    names = [getattr(k, 'key', str(k)) for k in path]
-    block = [n for n in names if str(n).startswith('blocks_')]
-    if block and 'attention_weights' in names:
-      per_block[int(str(block[0]).split('_')[1])] = np.asarray(value)
-  return np.stack([per_block[i][0].mean(0) for i in sorted(per_block)])
+  return viz.attention_weights(model, {'params': params}, images,
+                               train=False).mean(2)
 
 
 def format_table(results: Dict[str, Any]) -> str:
@@ -295,13 +306,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--outdir', default='irpe_demo',
                       help='where plots and results.json go')
   parser.add_argument('--seeds', type=int, default=None,
-                      help='seeds per variant (default 5; 2 with --quick)')
+                      help='seeds per variant (default 4; 2 with --quick)')
   parser.add_argument('--epochs', type=int, default=None,
-                      help='training epochs (default 30; 2 with --quick)')
+                      help='training epochs (default 20; 2 with --quick)')
   parser.add_argument('--variants', default=','.join(VARIANTS),
                       help='comma-separated subset of ' + ','.join(VARIANTS))
   parser.add_argument('--quick', action='store_true',
-                      help='tiny models and data, for tests (~20 s)')
+                      help='smoke run: tiny models and data, for tests '
+                      '(~1 min); its accuracies mean nothing')
   return parser.parse_args(argv)
 
 
@@ -325,13 +337,21 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
             *data[2:])
   seeds = list(range(settings.num_seeds))
   grid = 8 // settings.patch_size
+  if settings.smoke:
+    print(SMOKE_NOTE)
   print(f'Digits: {len(data[0])} train / {len(data[2])} test images of 8x8 '
         f'as {grid}x{grid} patches; {len(seeds)} seeds x {settings.epochs} '
         f'epochs per variant on {jax.device_count()} '
         f'{jax.default_backend()} device(s).', flush=True)
 
   results = {}
-  for variant in variants:
+  for i, variant in enumerate(variants):
+    left = ''
+    if i:
+      per_variant = (time.time() - start) / i
+      left = f', about {per_variant * (len(variants) - i):.0f}s left'
+    print(f'[{i + 1}/{len(variants)}] {variant}: {DESCRIPTIONS[variant]}'
+          f'{left}', flush=True)
     results[variant] = train_variant(variant, settings, data, seeds)
 
   query = (1, 2)
@@ -340,18 +360,18 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
   for variant in variants:
     params = jax.tree.map(lambda x: x[0], results[variant].pop('params'))
     maps[DESCRIPTIONS[variant]] = attention_of(variant, settings, params,
-                                               image)
+                                               image[None])[:, 0]
   plots.plot_learning_curves(results, os.path.join(args.outdir,
                                                    'learning_curves.png'))
   plots.plot_accuracy(results, os.path.join(args.outdir, 'accuracy.png'))
-  plots.plot_attention_maps(maps, image, (grid, grid), query,
-                            os.path.join(args.outdir, 'attention_maps.png'))
-  plots.plot_bucket_maps(os.path.join(args.outdir, 'bucket_maps.png'),
-                         RPE_RATIO)
+  viz.plot_attention_maps(os.path.join(args.outdir, 'attention_maps.png'),
+                          maps, image, (grid, grid), query)
+  viz.plot_bucket_maps(os.path.join(args.outdir, 'bucket_maps.png'))
 
   elapsed = time.time() - start
   table, ordering = format_table(results), summarise_ordering(results)
   summary = {'settings': dataclasses.asdict(settings), 'variants': results,
+             'smoke': settings.smoke,
              'table': table, 'ordering': ordering, 'seconds': elapsed,
              'backend': jax.default_backend(),
              'device_count': jax.device_count()}
@@ -359,6 +379,8 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
     json.dump(summary, f, indent=1)
   print('\nTest accuracy (%) on the held-out digits:\n' + table)
   print('\n' + ordering)
+  if settings.smoke:
+    print('\n' + SMOKE_NOTE)
   print(f'\nTotal {elapsed:.0f}s. Plots and results.json in '
         f'{os.path.abspath(args.outdir)}')
   return summary

@@ -1,13 +1,13 @@
-"""The demo's figures: learning curves, accuracies, attention and buckets."""
+"""The demo's figures: learning curves and accuracies (`irpe_jax.viz` draws
+the attention and bucket maps)."""
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict
 
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-import irpe_jax
 
 
 def plot_learning_curves(results: Dict[str, Any], path: str) -> None:
@@ -56,78 +56,6 @@ def plot_accuracy(results: Dict[str, Any], path: str) -> None:
   low = min(min(r['test_accuracy']) for r in results.values())
   ax.set_ylim(max(0.0, low - 0.05), 1.0)
   ax.set(ylabel='test accuracy', title='Digits, final test accuracy')
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_attention_maps(maps: Dict[str, np.ndarray], image: np.ndarray,
-                        grid_shape: Tuple[int, int], query: Tuple[int, int],
-                        path: str) -> None:
-  """Attention of one query patch over all patches, first and last block.
-
-  Args:
-    maps: row label (a variant's description) -> head-averaged attention
-      `(depth, L, L)`, class token first.
-    image: the `(H, W, 1)` input image.
-    grid_shape: `(rows, cols)` of the patch grid.
-    query: `(row, col)` of the query patch.
-    path: where the PNG goes.
-  """
-  labels = list(maps)
-  fig, axes = plt.subplots(len(labels), 3, figsize=(7.5, 2.4 * len(labels)),
-                           squeeze=False)
-  rows, cols = grid_shape
-  patch = image.shape[0] // rows
-  q_token = 1 + query[0] * cols + query[1]  # skip the class token.
-  centre = (query[1] * patch + (patch - 1) / 2,
-            query[0] * patch + (patch - 1) / 2)
-  extent = (-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5)
-  for row, label in enumerate(labels):
-    att = maps[label]
-    axes[row, 0].imshow(image[..., 0], cmap='gray')
-    axes[row, 0].set_ylabel(label, fontsize=8)
-    for col, block in ((1, 0), (2, att.shape[0] - 1)):
-      axes[row, col].imshow(att[block, q_token, 1:].reshape(rows, cols),
-                            cmap='viridis', extent=extent)
-      if row == 0:
-        axes[row, col].set_title(f'block {block + 1} attention', fontsize=9)
-    for ax in axes[row]:
-      ax.plot(*centre, 'r+', markersize=12, mew=2)
-      ax.set_xticks([])
-      ax.set_yticks([])
-  axes[0, 0].set_title('input (+ = query)', fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_bucket_maps(path: str, ratio: float, size: int = 15) -> None:
-  """Bucket id of every key for the centre query, for the four methods.
-
-  Args:
-    path: where the PNG goes.
-    ratio: the iRPE ratio (alpha, beta, gamma = ratio, 2 ratio, 8 ratio).
-    size: side of the square grid.
-  """
-  methods = (('euc', 'euclidean'), ('quant', 'quantization'),
-             ('cross_rows', 'cross (rows)'), ('cross_cols', 'cross (cols)'),
-             ('product', 'product'))
-  centre = (size // 2) * size + size // 2
-  fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.4))
-  for ax, (method, title) in zip(axes, methods):
-    ids, num = irpe_jax.get_bucket_ids_2d(
-        method, size, size, 0, ratio, 2 * ratio, 8 * ratio)
-    grid = np.asarray(ids)[centre].reshape(size, size)
-    ax.imshow(grid, cmap='tab20' if num <= 20 else 'viridis')
-    for (r, c), v in np.ndenumerate(grid):
-      ax.text(c, r, str(v), ha='center', va='center', fontsize=5)
-    ax.plot(size // 2, size // 2, 'r+', markersize=10, mew=2)
-    ax.set_title(f'{title}: {num} buckets', fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
-  fig.suptitle(f'iRPE bucket ids on a {size}x{size} grid for the centre '
-               f'query (ratio {ratio})', fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -35,6 +35,9 @@ def test_quick_demo_trains_every_variant_and_writes_its_outputs(tmp_path,
   assert count['irpe_k'] - count['abs'] == depth * head_dim * buckets
   assert count['irpe_qkv'] - count['abs'] == 3 * depth * head_dim * buckets
   assert 'Ordering by mean test accuracy' in printed
+  # --quick says it is a smoke run, before and after its numbers.
+  assert printed.count(demo.SMOKE_NOTE) == 2 and summary['smoke']
+  assert '[4/4] irpe_qkv' in printed  # progress per variant.
   with open(tmp_path / 'results.json') as f:
     saved = json.load(f)
   assert saved['table'] == summary['table']
