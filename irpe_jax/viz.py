@@ -239,7 +239,8 @@ def plot_attention_by_offset(path: str, maps: Dict[str, np.ndarray],
   labels = list(maps)
   vmax = max(float(m.max()) for m in maps.values())
   fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1,
-                                                     3.4), squeeze=False)
+                                                     3.4), squeeze=False,
+                           layout='constrained')
   image = None
   for ax, label in zip(axes[0], labels):
     m = maps[label]
@@ -248,6 +249,9 @@ def plot_attention_by_offset(path: str, maps: Dict[str, np.ndarray],
                       extent=(-half_c - 0.5, half_c + 0.5, half_r + 0.5,
                               -half_r - 0.5))
     ax.plot(0, 0, 'r+', markersize=10, mew=2)
+    step = max(1, half_c // 3)
+    ax.set_xticks(range(-(half_c // step) * step, half_c + 1, step))
+    ax.set_yticks(range(-(half_r // step) * step, half_r + 1, step))
     ax.set_title(label, fontsize=9)
     ax.set_xlabel('column offset', fontsize=8)
   axes[0, 0].set_ylabel('row offset', fontsize=8)

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from experiments import demo
@@ -55,3 +56,21 @@ def test_shift_batch_translates_without_wrapping():
   # Every 2x2 blob survives whole, moved by at most one pixel.
   np.testing.assert_array_equal(shifted.sum(axis=(-3, -2, -1)), 4.0)
   assert np.any(shifted != images)
+
+
+def test_figure5_writes_attention_by_offset_for_both_models(tmp_path,
+                                                            monkeypatch,
+                                                            capsys):
+  from experiments import figure5  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(figure5, 'SETTINGS', demo.dataclasses.replace(
+      figure5.SETTINGS, embed_dim=8, depth=2, num_heads=2, mlp_ratio=1.0,
+      batch_size=32, warmup_epochs=0, train_subset=64))
+  out = figure5.main(['--outdir', str(tmp_path), '--epochs', '1',
+                      '--eval_images', '4'])
+  assert len(out['shares']) == 4  # two models x first and last block.
+  assert all(0.0 < s <= 1.0 for s in out['shares'].values())
+  # Uniform attention gives each of the 9 offsets 1/65 (64 patches + cls).
+  assert out['uniform'] == pytest.approx(9 / 65)
+  assert 'Share of attention within one patch' in capsys.readouterr().out
+  with Image.open(out['path']) as image:
+    assert image.size[0] > 400 and image.size[1] > 150
