@@ -20,8 +20,11 @@ All functions are compiled first, then timed round-robin (one call of each
 per round, `--repeats` rounds after `--warmup` rounds), so that load from
 other processes hits every entry alike; the table reports medians and the
 ratios the targets are stated in. The targets are judged only at the
-shapes they are set for (the defaults); at other shapes (`--quick`, other
-methods) the ratios are reported without a verdict.
+shapes they are set for (the defaults, float32, on CPU); at other shapes
+(`--quick`, other methods), dtypes or backends the ratios are reported
+without a verdict. `--dtype bfloat16` runs the inputs in bf16 with float32
+tables, as mixed-precision training does; `--json PATH` also writes every
+measurement (with XLA's temporary memory of each compiled function).
 
   python -m experiments.bench_rpe            # DeiT-S shapes
   python -m experiments.bench_rpe --quick    # tiny shapes, seconds
@@ -30,13 +33,14 @@ methods) the ratios are reported without a verdict.
 import argparse
 import dataclasses
 import functools
+import json
 import os
 import platform
 import random
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +70,7 @@ class Entry:
   compiled: Callable[..., object]
   args: Tuple[jax.Array, ...]
   compile_s: float
+  temp_bytes: Optional[int] = None
   times_ms: List[float] = dataclasses.field(default_factory=list)
 
   @property
@@ -99,7 +104,11 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def _make_inputs(args: argparse.Namespace):
-  """Random inputs, tables, cotangents and the static bucket geometry."""
+  """Random inputs, tables, cotangents and the static bucket geometry.
+
+  Features, attention weights and cotangents are in `args.dtype`; the
+  tables stay float32, as parameters do under mixed precision.
+  """
   geometry = buckets.get_bucket_geometry(
       args.method, args.height, args.width, args.skip,
       *rpe_config_lib.piecewise_params(args.ratio))
@@ -114,8 +123,11 @@ def _make_inputs(args: argparse.Namespace):
   attn = jax.nn.softmax(normal(square), axis=-1)
   table_k = 0.02 * normal((table_heads, args.head_dim, num_buckets))
   table_v = 0.02 * normal((table_heads, num_buckets, args.head_dim))
-  inputs = dict(q=q, k=k, v=v, attn=attn, table_k=table_k, table_v=table_v,
-                ct_square=normal(square), ct_feat=normal(feat))
+  dtype = jnp.dtype(args.dtype)
+  inputs = dict(q=q, k=k, v=v, attn=attn, ct_square=normal(square),
+                ct_feat=normal(feat))
+  inputs = {name: x.astype(dtype) for name, x in inputs.items()}
+  inputs.update(table_k=table_k, table_v=table_v)
   jax.block_until_ready(inputs)
   return geometry, inputs
 
@@ -127,7 +139,9 @@ def _build(args: argparse.Namespace, impls: Sequence[str]) -> Dict[str, Entry]:
 
   def add(name, fn, fn_args):
     compiled, seconds = _compile(fn, fn_args)
-    entries[name] = Entry(name, compiled, tuple(fn_args), seconds)
+    memory = compiled.memory_analysis()
+    temp = None if memory is None else int(memory.temp_size_in_bytes)
+    entries[name] = Entry(name, compiled, tuple(fn_args), seconds, temp)
 
   add('core/-/fwd', attention_core, (x['q'], x['k'], x['v']))
   add('core/-/fb', _with_vjp(attention_core),
@@ -199,8 +213,9 @@ def _cpu_name() -> str:
 
 
 def _at_target_shapes(args: argparse.Namespace) -> bool:
-  return all(getattr(args, name) == value
-             for name, value in TARGET_SHAPES.items())
+  return (all(getattr(args, name) == value
+              for name, value in TARGET_SHAPES.items()) and
+          args.dtype == 'float32' and jax.default_backend() == 'cpu')
 
 
 def _report(entries: Dict[str, Entry], impls: Sequence[str],
@@ -218,8 +233,9 @@ def _report(entries: Dict[str, Entry], impls: Sequence[str],
         f'{jax.lib.__version__}; auto -> {ops.resolve_impl("auto")!r}')
   print(f'shapes: B={args.batch} H={args.heads} L={length} '
         f'({args.skip} + {args.height}x{args.width}) D={args.head_dim} '
-        f'{args.method} ratio {args.ratio} shared_head={args.shared_head}; '
-        f'median of {args.repeats} rounds after {args.warmup} warm-up')
+        f'{args.method} ratio {args.ratio} shared_head={args.shared_head} '
+        f'{args.dtype}; median of {args.repeats} rounds after {args.warmup} '
+        f'warm-up')
   header = (f'{"what":<6}{"impl":<12}{"fwd ms":>9}{"fwd+bwd ms":>12}'
             f'{"compile s":>11}{"fb/naive":>10}{"fb/core":>9}{"fwd/core":>10}')
   print(header)
@@ -259,7 +275,7 @@ def _report(entries: Dict[str, Entry], impls: Sequence[str],
   if not _at_target_shapes(args):
     print('Targets are set for ' + ', '.join(
         f'{k}={v}' for k, v in TARGET_SHAPES.items()) +
-          '; not judged at these shapes.')
+          ', float32, on CPU; not judged here.')
     for text, value, _ in checks:
       print(f'[-] {text}: {value:.3f}')
     return True
@@ -289,6 +305,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument('--repeats', type=int, default=15)
   parser.add_argument('--warmup', type=int, default=2)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--dtype', default='float32',
+                      choices=('float32', 'bfloat16'),
+                      help='dtype of the inputs (tables stay float32)')
+  parser.add_argument('--json', default=None, metavar='PATH',
+                      help='also write the measurements as JSON to PATH')
   parser.add_argument('--quick', action='store_true',
                       help='tiny shapes and few repeats (a smoke test)')
   args = parser.parse_args(argv)
@@ -311,7 +332,26 @@ def main(argv: Sequence[str] = ()) -> int:
   _time(entries, args.warmup, args.repeats, args.seed)
   holds = _report(entries, impls, args)
   print(f'every impl agrees with naive to {worst:.1e} (relative to max)')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results_dict(entries, args, worst, holds), f, indent=1)
   return 0 if holds else 1
+
+
+def results_dict(entries: Dict[str, Entry], args: argparse.Namespace,
+                 worst: float, holds: bool) -> Dict[str, Any]:
+  """The measurements as plain data (what `--json` writes)."""
+  device = jax.devices()[0]
+  return {
+      'backend': jax.default_backend(), 'device_kind': device.device_kind,
+      'jax': jax.__version__, 'auto': ops.resolve_impl('auto'),
+      'dtype': args.dtype,
+      'shapes': {k: getattr(args, k) for k in TARGET_SHAPES},
+      'targets_hold': holds, 'worst_relative_difference': worst,
+      'entries': {name: {'median_ms': e.median_ms, 'compile_s': e.compile_s,
+                         'temp_bytes': e.temp_bytes}
+                  for name, e in entries.items()},
+  }
 
 
 if __name__ == '__main__':

@@ -1,7 +1,8 @@
 r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
 
   python -m experiments.bench_train [--batch 16] [--steps 1] [--rounds 10]
-      [--impl auto[,onehot,...]] [--depth 12]
+      [--impl auto[,onehot,...]] [--depth 12] [--dtype bfloat16]
+      [--models plain,k,qkv] [--json PATH]
 
 One full training step of each model at 224px on random data, in one
 process: `experiments.steps.train_step`, the step of the training runs
@@ -16,13 +17,19 @@ temporaries, less what donation aliases).
 
 The paper's efficient iRPE aims at a small overhead; targets here: iRPE-K at
 most 3% over plain DeiT-S, iRPE-QKV at most 10%.
+
+On an accelerator, the device's own peak memory
+(`memory_stats()['peak_bytes_in_use']`) is reported too; it is the peak of
+the whole process, so run one model per process (`--models k`) to read it
+per model, as `scripts/accelerator_check.sh` does.
 """
 
 import argparse
 import functools
+import json
 import sys
 import time
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +43,18 @@ MODELS = (
     ('DeiT-S + iRPE-K', 'deit_small_patch16_224_ctx_product_50_shared_k'),
     ('DeiT-S + iRPE-QKV', 'deit_small_patch16_224_ctx_product_50_shared_qkv'),
 )
+# `--models` keys of the MODELS labels.
+MODEL_KEYS = {'plain': 'DeiT-S', 'k': 'DeiT-S + iRPE-K',
+              'qkv': 'DeiT-S + iRPE-QKV'}
+BASE = 'DeiT-S'
 TARGETS = {'DeiT-S + iRPE-K': 0.03, 'DeiT-S + iRPE-QKV': 0.10}
+
+
+def device_peak_bytes() -> Optional[int]:
+  """The default device's peak memory in use so far (None where unknown)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else int(peak)
 
 
 def make_step(name: str, batch: int, image_size: int, impl: str,
@@ -87,7 +105,7 @@ def time_steps(entry: Dict[str, Any], steps_to_time: int) -> float:
   return (time.perf_counter() - start) / steps_to_time
 
 
-def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--batch', type=int, default=16)
   parser.add_argument('--image_size', type=int, default=224)
@@ -99,10 +117,27 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
                       help='iRPE lookup impl, or a comma-separated list to '
                       'compare (see irpe_jax.IMPLS)')
   parser.add_argument('--dtype', default='float32',
-                      help="compute dtype, e.g. 'bfloat16'")
+                      choices=('float32', 'bfloat16'),
+                      help='compute dtype (parameters stay float32)')
   parser.add_argument('--depth', type=int, default=12,
                       help='blocks of the models (fewer: a quick smoke run)')
+  parser.add_argument('--models', default=','.join(MODEL_KEYS),
+                      help='comma-separated models to run, of '
+                      f'{sorted(MODEL_KEYS)}; the overheads need plain')
+  parser.add_argument('--json', default=None, metavar='PATH',
+                      help='also write the results as JSON to PATH')
   args = parser.parse_args(argv)
+  keys = [k for k in args.models.split(',') if k]
+  unknown = sorted(set(keys) - set(MODEL_KEYS))
+  if unknown or not keys:
+    parser.error(f'--models: unknown {unknown}; expected some of '
+                 f'{sorted(MODEL_KEYS)}.')
+  args.labels = [MODEL_KEYS[k] for k in MODEL_KEYS if k in keys]
+  return args
+
+
+def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+  args = parse_args(argv)
   dtype = None if args.dtype == 'float32' else jnp.dtype(args.dtype)
   print(f'jax {jax.__version__}, {jax.device_count()} '
         f'{jax.default_backend()} device(s): {jax.devices()[0].device_kind}; '
@@ -111,6 +146,8 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
   impls = args.impl.split(',')
   entries = {}
   for model_label, name in MODELS:
+    if model_label not in args.labels:
+      continue
     for impl in impls if model_label in TARGETS else impls[:1]:
       label = model_label
       if len(impls) > 1 and model_label in TARGETS:
@@ -130,39 +167,59 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
     print(f'  round {round_index + 1}/{args.rounds}: ' + ', '.join(
         f'{label} {entry["times"][-1]:.3f} s/step'
         for label, entry in entries.items()), flush=True)
+  device_peak = device_peak_bytes()
+  results = _report(entries, args, device_peak)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump({'backend': jax.default_backend(),
+                 'device_kind': jax.devices()[0].device_kind,
+                 'jax': jax.__version__, 'batch': args.batch,
+                 'image_size': args.image_size, 'depth': args.depth,
+                 'dtype': args.dtype, 'impl': args.impl,
+                 'device_peak_bytes': device_peak, 'models': results},
+                f, indent=1)
+  return results
 
-  base_times = np.array(entries['DeiT-S']['times'])
-  base = base_times.min()
+
+def _report(entries: Dict[str, Dict[str, Any]], args: argparse.Namespace,
+            device_peak: Optional[int]) -> Dict[str, Dict[str, Any]]:
+  """Prints the table; returns the results per model label."""
+  base_times = (np.array(entries[BASE]['times']) if BASE in entries
+                else None)
+  mib = lambda b: f'{b / 2**20:.0f}' if b is not None else 'n/a'
   print(f'\n| model | images/s | s/step | vs DeiT-S, best | vs DeiT-S, '
         f'paired median | target | first step (compile) s | '
-        f'peak memory MiB |')
+        f'XLA peak memory MiB |')
   print('|---|---|---|---|---|---|---|---|')
   results = {}
   for label, entry in entries.items():
     times = np.array(entry['times'])
     best = times.min()
-    overhead_best = best / base - 1.0
-    overhead = float(np.median(times / base_times)) - 1.0
-    target = TARGETS.get(label.split(' [')[0])
+    overhead = overhead_best = None
     verdict = ''
-    if target is not None:
-      verdict = f'<= {100 * target:.0f}% ' + ('met' if overhead <= target
-                                              else 'MISSED')
-    peak = entry['peak_bytes']
-    peak_text = f'{peak / 2**20:.0f}' if peak is not None else 'n/a'
+    if base_times is not None:
+      overhead_best = float(best / base_times.min() - 1.0)
+      overhead = float(np.median(times / base_times)) - 1.0
+      target = TARGETS.get(label.split(' [')[0])
+      if target is not None:
+        verdict = f'<= {100 * target:.0f}% ' + (
+            'met' if overhead <= target else 'MISSED')
+    pct = lambda o: 'n/a' if o is None else f'{100 * o:+.1f}%'
     print(f'| {label} | {args.batch / best:.2f} | {best:.3f} | '
-          f'{100 * overhead_best:+.1f}% | {100 * overhead:+.1f}% | {verdict} '
-          f'| {entry["first_step_s"]:.1f} | {peak_text} |')
+          f'{pct(overhead_best)} | {pct(overhead)} | {verdict} '
+          f'| {entry["first_step_s"]:.1f} | {mib(entry["peak_bytes"])} |')
     results[label] = {'images_per_sec': args.batch / best,
                       'seconds_per_step': float(best), 'overhead': overhead,
-                      'overhead_best': float(overhead_best),
+                      'overhead_best': overhead_best,
                       'first_step_s': entry['first_step_s'],
-                      'peak_bytes': peak,
+                      'peak_bytes': entry['peak_bytes'],
                       'all_times': [float(t) for t in entry['times']]}
   spread = {label: float(np.std(e['times']) / np.mean(e['times']))
             for label, e in entries.items()}
   print('\nRound-to-round spread (std/mean): ' + ', '.join(
       f'{label} {100 * s:.1f}%' for label, s in spread.items()))
+  if device_peak is not None:
+    print(f'Device peak memory of this process: {mib(device_peak)} MiB.')
   return results
 
 

@@ -215,16 +215,19 @@ class TransformsTest(chex.TestCase):
       chex.assert_trees_all_close(f(self.x), self.expected, rtol=1e-5,
                                   atol=1e-6)
 
+  # The multi-device tests run on the 4 host CPU devices conftest sets up,
+  # also where an accelerator is the default backend (one GPU or TPU chip).
+
   def test_pmap_over_four_devices(self):
-    n = jax.local_device_count()
-    self.assertGreaterEqual(n, 4, 'conftest sets 4 host devices')
+    host = jax.devices('cpu')
+    self.assertGreaterEqual(len(host), 4, 'conftest sets 4 host devices')
     x = jnp.broadcast_to(self.x, (4,) + self.x.shape)
     ref = jax.grad(lambda t: jnp.sum(
         _encode('naive', 'k', self.x, t, self.ids) ** 2))(self.table)
     for impl in CUSTOM_VJP_IMPLS:
       g = jax.pmap(jax.grad(lambda x, t, impl=impl: jnp.sum(
           _encode(impl, 'k', x, t, self.ids) ** 2), argnums=1),
-                   in_axes=(0, None), devices=jax.local_devices()[:4])(
+                   in_axes=(0, None), devices=host[:4])(
                        x, self.table)
       chex.assert_trees_all_close(g, jnp.broadcast_to(ref, (4,) + ref.shape),
                                   rtol=1e-5, atol=1e-6)
@@ -232,7 +235,7 @@ class TransformsTest(chex.TestCase):
   def test_sharded_jit_and_shard_map(self):
     # Auto axes: with jax's Explicit default even a plain Dense's weight
     # gradient needs an out_sharding.
-    mesh = jax.make_mesh((4,), ('data',), devices=jax.devices()[:4],
+    mesh = jax.make_mesh((4,), ('data',), devices=jax.devices('cpu')[:4],
                          axis_types=(jax.sharding.AxisType.Auto,))
     x = jnp.concatenate([self.x] * 2)  # batch 4, one example per device
     x = jax.device_put(x, NamedSharding(mesh, P('data')))
