@@ -153,27 +153,33 @@ def _contract_gather(z, ids, num_buckets, x_tokens_last=False):
 
 
 def _contract_scatter(a, ids, num_buckets, x_tokens_last=False):
-  """The bucket sums as a one-hot contraction, summed in float32 (or wider).
-
-  Sums of up to L terms, rounded once to `a.dtype`. Matrix units (TPU, GPU)
-  take bf16 operands and sum in float32; XLA's CPU would sum a bf16
-  contraction in bf16 (a third of the value off at L = 1025) and has no
-  bf16 x bf16 -> float32 batched dot, so there the operands are widened.
-  """
+  # Sums of up to L terms, in float32 and rounded once (see `_dot_wide`).
+  onehot = _onehot(ids, num_buckets, a.dtype)
   spec = '...ij,jin->...jn' if x_tokens_last else '...ij,ijn->...in'
-  wide = jnp.promote_types(a.dtype, jnp.float32)
+  return _dot_wide(spec, a, onehot, _HIGHEST).astype(a.dtype)
 
-  def contract(a, operand_dtype):
-    onehot = _onehot(ids, num_buckets, operand_dtype)
-    return jnp.einsum(spec, a.astype(operand_dtype), onehot,
-                      precision=_HIGHEST,
-                      preferred_element_type=wide).astype(a.dtype)
 
-  if a.dtype == wide:
-    return contract(a, wide)
+def _dot_wide(spec: str, a: jax.Array, b: jax.Array,
+              precision=None) -> jax.Array:
+  """`jnp.einsum(spec, a, b)` summed in float32 (or wider), returned so.
+
+  Matrix units (TPU, GPU) take bf16 operands and sum in float32. XLA's CPU
+  sums batched bf16 dots partly in bf16 (a one-hot scatter a third off at
+  L = 1025) and lacks some bf16 x bf16 -> float32 dots, so there the
+  operands are widened. Float32 operands take the plain einsum.
+  """
+  wide = jnp.promote_types(jnp.result_type(a, b), jnp.float32)
+  if a.dtype == wide and b.dtype == wide:
+    return jnp.einsum(spec, a, b, precision=precision)
+
+  def contract(a, b, operand_dtype):
+    return jnp.einsum(spec, a.astype(operand_dtype), b.astype(operand_dtype),
+                      precision=precision, preferred_element_type=wide)
+
   return jax.lax.platform_dependent(
-      a, cpu=functools.partial(contract, operand_dtype=wide),
-      default=functools.partial(contract, operand_dtype=a.dtype))
+      a, b, cpu=functools.partial(contract, operand_dtype=wide),
+      default=functools.partial(contract,
+                                operand_dtype=jnp.result_type(a, b)))
 
 
 def _take_gather(z, ids):
@@ -349,8 +355,10 @@ def bucket_scatter(a: jax.Array, ids: Ids, num_buckets: Optional[int] = None,
 def _head_einsum(x: jax.Array, table: jax.Array) -> jax.Array:
   table = table.astype(x.dtype)
   if table.shape[0] == 1:
-    return jnp.einsum('bhlk,kn->bhln', x, table[0])
-  return jnp.einsum('bhlk,hkn->bhln', x, table)
+    out = _dot_wide('bhlk,kn->bhln', x, table[0])
+  else:
+    out = _dot_wide('bhlk,hkn->bhln', x, table)
+  return out.astype(x.dtype)
 
 
 @jax.custom_vjp
@@ -368,14 +376,13 @@ def _head_matmul_bwd(res, g):
   # Long sums over B * H * L rows: accumulated in float32 for bf16 inputs,
   # and returned in the table's dtype (no bf16 rounding of a float32 table).
   if table.shape[0] == 1:
-    dx = jnp.einsum('bhln,kn->bhlk', g, compute[0])
+    dx = _dot_wide('bhln,kn->bhlk', g, compute[0])
     k, n = table.shape[1:]
-    dtable = jnp.dot(x.reshape(-1, k).T, g.reshape(-1, n),
-                     preferred_element_type=jnp.float32)[None]
+    # As a 2-D dot of x^T and g: XLA CPU's fast form (see `_head_matmul`).
+    dtable = _dot_wide('rk,rn->kn', x.reshape(-1, k), g.reshape(-1, n))[None]
   else:
-    dx = jnp.einsum('bhln,hkn->bhlk', g, compute)
-    dtable = jnp.einsum('bhlk,bhln->hkn', x, g,
-                        preferred_element_type=jnp.float32)
+    dx = _dot_wide('bhln,hkn->bhlk', g, compute)
+    dtable = _dot_wide('bhlk,bhln->hkn', x, g)
   return dx.astype(x.dtype), dtable.astype(table.dtype)
 
 
