@@ -14,7 +14,7 @@ and the test images, by relative offset (key - query), and writes
 
 and prints, for each panel, the share of attention within one patch of the
 query (the 3x3 neighbourhood) against the share a uniform attention would
-give it. Nothing is downloaded; a few minutes on a 2-core CPU.
+give it. Nothing is downloaded; about 3 minutes of CPU time (2 cores).
 
   python -m experiments.figure5 [--outdir DIR] [--epochs N]
 """

@@ -540,6 +540,7 @@ def test_a_run_prints_one_line_per_metric_and_no_library_chatter(
     config.progress_bar = True
     train.train_and_evaluate(config, str(tmp_path))
   finally:
+    logging.captureWarnings(False)
     for handler in root.handlers[:]:
       root.removeHandler(handler)
     for handler in saved[0]:
