@@ -82,7 +82,11 @@ def test_python_block_runs(block):
 def python_on_path(tmp_path_factory):
   """A PATH whose `python` is this interpreter (with its packages)."""
   folder = tmp_path_factory.mktemp('bin')
-  (folder / 'python').symlink_to(sys.executable)
+  # A wrapper, not a symlink: a link to a venv's python outside the venv's
+  # bin/ would start the base interpreter, without the venv's packages.
+  wrapper = folder / 'python'
+  wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+  wrapper.chmod(0o755)
   return f'{folder}{os.pathsep}{os.environ["PATH"]}'
 
 
