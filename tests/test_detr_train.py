@@ -116,6 +116,7 @@ def _tiny_config(root):
   return config
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
   config = _tiny_config(digits)
   whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
@@ -137,6 +138,7 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
     assert np.isfinite(first[name])
 
 
+@pytest.mark.slow
 def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   config = _tiny_config(digits)
   # Scored on its own training images.
