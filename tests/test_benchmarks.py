@@ -83,7 +83,7 @@ def test_accelerator_report_from_bench_outputs(bench_outputs, tmp_path):
   text = accelerator_check.write_report(results, path)
   assert path.read_text() == text
   assert '| 3 | 0 | 0 | 1 |' in text
-  assert "'auto' ('factored')" in text and 'float32: no result' in text
+  assert "'auto' runs 'factored'" in text and 'float32: no result' in text
   rows = [l for l in text.splitlines() if l.startswith('| DeiT-S')]
   assert len(rows) == 3  # the overheads of iRPE-K and -QKV over plain:
   assert all(re.search(r'\| [+-]\d+\.\d%', row) for row in rows[1:])
