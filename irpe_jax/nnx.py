@@ -48,7 +48,7 @@ class _TableModule(nnx.Module):
     param_dtype: dtype of the tables.
     rngs: `nnx.Rngs` with a 'params' stream.
   """
-  _cross = False
+  _cross = False  # Subclasses define `_init_tables`, which makes the tables.
 
   def __init__(self, head_dim: int, num_heads: int = 1,
                mode: Optional[str] = None, method: Optional[str] = None,
@@ -63,9 +63,6 @@ class _TableModule(nnx.Module):
         cross=self._cross)
     self.rpe_config, self.impl, self.dtype = rpe_config, impl, dtype
     self._init_tables(table_init, param_dtype, rngs)
-
-  def _init_tables(self, table_init, param_dtype, rngs):
-    raise NotImplementedError
 
   @property
   def num_heads(self) -> int:
