@@ -1,11 +1,14 @@
 r"""An offline detection set in COCO format: digits pasted on canvases.
 
   python -m experiments.detr.make_synthetic_coco /tmp/digits_coco \
-      [--num_train 512] [--num_val 64] [--seed 0]
+      [--num_train 512] [--num_val 64] [--seed 0] [--tfds_dir /tmp/tfds]
 
 writes `OUT/{train,val}/*.png` and `OUT/annotations/instances_{train,val}
 .json`, as COCO 2017 lays itself out, so the DETR training, evaluation and
-pycocotools run on it unchanged. Each canvas (64 to 128 pixels a side, a
+pycocotools run on it unchanged. With `--tfds_dir` it also writes the same
+canvases as the tfds dataset `synthetic_coco` (splits `train` and
+`validation`, array_record) with the features of tfds' `coco/2017`, which
+`tfds.data_source` then reads from that folder with no download. Each canvas (64 to 128 pixels a side, a
 dark noisy background) holds 1 to 4 of scikit-learn's 8x8 handwritten digits
 (UCI, shipped with the package: no download), each scaled to 16-48 pixels,
 tinted, and placed without overlap; its class is the digit (category id
@@ -14,9 +17,10 @@ its box the tight box of its ink.
 """
 
 import argparse
+import functools
 import json
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
@@ -116,16 +120,137 @@ def make(out: str, num_train: int = 512, num_val: int = 64, seed: int = 0,
   }
 
 
+TFDS_NAME = 'synthetic_coco'
+# tfds split -> the folder split it is written from.
+TFDS_SPLITS = {'train': 'train', 'validation': 'val'}
+
+
+@functools.cache
+def _tfds_builder_class() -> type:
+  # Made on first use: the folder set (the tests, the demo) needs no tfds.
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  tfds = input_pipeline.import_tfds()
+
+  class SyntheticCoco(tfds.core.GeneratorBasedBuilder,
+                      skip_registration=True):
+    """The digits canvases of a `make` folder, laid out as tfds' coco/2017."""
+
+    name = TFDS_NAME
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+
+    def __init__(self, *, root: Optional[str] = None, **kwargs):
+      self._root = root
+      super().__init__(**kwargs)
+
+    def _info(self) -> Any:
+      return tfds.core.DatasetInfo(
+          builder=self,
+          description=__doc__.split('\n')[0],
+          features=tfds.features.FeaturesDict({
+              # PNG, as the folder holds them: the pixels stay exact.
+              'image': tfds.features.Image(encoding_format='png'),
+              'image/filename': tfds.features.Text(),
+              'image/id': np.int64,
+              'objects': tfds.features.Sequence({
+                  'id': np.int64,
+                  'area': np.int64,
+                  'bbox': tfds.features.BBoxFeature(),
+                  'label': tfds.features.ClassLabel(
+                      names=[c['name'] for c in CATEGORIES]),
+                  'is_crowd': np.bool_,
+              }),
+          }),
+          # The category id of each label, which coco/2017 leaves out.
+          metadata=tfds.core.MetadataDict(
+              category_ids=[c['id'] for c in CATEGORIES]),
+      )
+
+    def _split_generators(self, dl_manager):
+      del dl_manager  # Nothing to download.
+      return {split: self._generate_examples(folder)
+              for split, folder in TFDS_SPLITS.items()}
+
+    def _generate_examples(self, folder: str):
+      # As tfds' coco builder: one example per image, keyed by file name,
+      # boxes normalised `(ymin, xmin, ymax, xmax)`, labels 0-based.
+      with open(os.path.join(self._root, 'annotations',
+                             f'instances_{folder}.json')) as f:
+        coco = json.load(f)
+      objects: Dict[int, List[Dict]] = {im['id']: [] for im in coco['images']}
+      for a in coco['annotations']:
+        objects[a['image_id']].append(a)
+      for info in sorted(coco['images'], key=lambda im: im['id']):
+        height, width = info['height'], info['width']
+        with open(os.path.join(self._root, folder, info['file_name']),
+                  'rb') as f:
+          encoded = f.read()
+        yield info['file_name'], {
+            'image': encoded,
+            'image/filename': info['file_name'],
+            'image/id': info['id'],
+            'objects': [{
+                'id': a['id'], 'area': a['area'],
+                'bbox': tfds.features.BBox(
+                    ymin=a['bbox'][1] / height, xmin=a['bbox'][0] / width,
+                    ymax=(a['bbox'][1] + a['bbox'][3]) / height,
+                    xmax=(a['bbox'][0] + a['bbox'][2]) / width),
+                'label': a['category_id'] - 1,
+                'is_crowd': bool(a.get('iscrowd', 0)),
+            } for a in sorted(objects[info['id']], key=lambda a: a['id'])],
+        }
+
+  return SyntheticCoco
+
+
+def make_tfds(root: str, data_dir: str) -> Any:
+  """Writes the set at `root` (made by `make`) as tfds' `synthetic_coco`.
+
+  Args:
+    root: a folder written by `make`.
+    data_dir: tfds data directory to write to; `tfds.data_source(
+      'synthetic_coco', data_dir=data_dir)` reads it.
+
+  Returns:
+    The prepared builder.
+
+  Raises:
+    ValueError: if `data_dir` already holds `synthetic_coco` of other sizes.
+  """
+  builder = _tfds_builder_class()(root=root, data_dir=data_dir,
+                                  file_format='array_record')
+  builder.download_and_prepare()
+  found = {name: split.num_examples
+           for name, split in builder.info.splits.items()}
+  expected = {}
+  for split, folder in TFDS_SPLITS.items():
+    with open(os.path.join(root, 'annotations',
+                           f'instances_{folder}.json')) as f:
+      expected[split] = len(json.load(f)['images'])
+  if found != expected:
+    raise ValueError(
+        f'{builder.data_dir} already holds {TFDS_NAME} with splits {found}, '
+        f'not {expected}: use another tfds_dir or delete that folder.')
+  return builder
+
+
 def main(argv: Sequence[str] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('out', help='folder to write the set to')
   parser.add_argument('--num_train', type=int, default=512)
   parser.add_argument('--num_val', type=int, default=64)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--tfds_dir', default=None,
+                      help=f'also write the set as tfds {TFDS_NAME!r} here')
   args = parser.parse_args(argv)
   for split, path in make(args.out, args.num_train, args.num_val,
                           args.seed).items():
     print(f'{split}: {path}')
+  if args.tfds_dir:
+    builder = make_tfds(args.out, args.tfds_dir)
+    print(f'{TFDS_NAME}: {builder.data_dir} (--config.data.source=tfds '
+          f'--config.data.tfds_name={TFDS_NAME} '
+          f'--config.data.tfds_dir={args.tfds_dir})')
 
 
 if __name__ == '__main__':

@@ -36,6 +36,7 @@ from experiments import steps as base_steps
 from experiments import train as deit_train
 from experiments.detr import coco_eval
 from experiments.detr import data
+from experiments.detr import sources
 from experiments.detr import steps
 from irpe_jax import convert
 from irpe_jax.models import detr
@@ -124,9 +125,6 @@ def train_and_evaluate(config: Any, workdir: str,
   if config.nonfinite_policy not in deit_train.NONFINITE_POLICIES:
     raise ValueError(f'config.nonfinite_policy={config.nonfinite_policy!r}; '
                      f'expected one of {deit_train.NONFINITE_POLICIES}.')
-  if not config.data.root:
-    raise ValueError('config.data.root is not set: the folder of a COCO-'
-                     'format set (COCO 2017, or make_synthetic_coco OUT).')
   if config.input.max_objects > config.model.num_queries:
     raise ValueError(f'input.max_objects={config.input.max_objects} must not '
                      f'exceed model.num_queries={config.model.num_queries}.')
@@ -138,14 +136,13 @@ def train_and_evaluate(config: Any, workdir: str,
     if config.input[name] % jax.device_count():
       raise ValueError(f'input.{name}={config.input[name]} must divide by '
                        f'the {jax.device_count()} devices.')
-  root = config.data.root
-  train_examples = data.load_split(
-      os.path.join(root, config.data.train_images),
-      os.path.join(root, config.data.train_annotations))
-  eval_ann = os.path.join(root, config.data.eval_annotations)
-  eval_examples = (data.load_split(
-      os.path.join(root, config.data.eval_images), eval_ann)
+  # Read on demand (sources); a tfds eval split's ground truth is written
+  # once to the workdir for pycocotools.
+  train_examples = sources.open_split(config.data, 'train')
+  eval_examples = (sources.open_split(config.data, 'eval')
                    if config.eval_every_steps >= 0 else [])
+  eval_ann = (eval_examples.annotation_file(os.path.join(workdir, 'coco_gt'))
+              if config.eval_every_steps >= 0 else '')
   per_epoch = max(len(train_examples) // config.input.batch_size, 1)
   total_steps = config.total_steps or config.num_epochs * per_epoch
   model = build_model(config)
@@ -170,7 +167,8 @@ def train_and_evaluate(config: Any, workdir: str,
       train_examples, config.input.batch_size // jax.process_count(),
       start_step, config.seed + jax.process_index(), config.input.scales,
       config.input.max_size, config.input.flip, config.input.pad_sides,
-      config.input.max_objects)
+      config.input.max_objects, random_crop=data.crop_of(config.input),
+      num_threads=config.input.get('num_threads', 0))
   eval_metrics, step = None, start_step
   nonfinite_seen, checked_at = int(state['nonfinite_steps']), start_step
   timer_start, timer_step = time.time(), start_step

@@ -8,7 +8,16 @@ r"""DETR (ResNet-50) on COCO 2017 with the release's recipe, plain or with iRPE.
 'rpe-1.9-product-ctx-1-k' (7x7 buckets, 40.9 AP at 150 epochs) or
 'rpe-2.0-product-ctx-1-k' (9x9, 41.0 AP; 42.2 at 300 epochs); plain DETR
 gives 39.5. `data.root` is COCO as downloaded: `train2017/`, `val2017/`,
-`annotations/instances_{train,val}2017.json`.
+`annotations/instances_{train,val}2017.json`. Or COCO as tfds prepares it
+(`tfds build coco/2017 --data_dir /data/tfds`):
+
+  python -m experiments.detr.train \
+      --config experiments/detr/configs/coco.py:rpe-2.0-product-ctx-1-k \
+      --workdir /tmp/detr_irpe --config.data.source=tfds \
+      --config.data.tfds_dir=/data/tfds
+
+(the validation ground truth is then written once to
+`WORKDIR/coco_gt/coco_2017_validation.json` for pycocotools).
 """
 
 import ml_collections
@@ -26,11 +35,17 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'
   config = ml_collections.ConfigDict()
   config.seed = 42
   config.data = ml_collections.ConfigDict({
+      # 'folder': COCO-format files under `root`; 'tfds': `tfds_name`.
+      'source': 'folder',
       'root': ml_collections.config_dict.placeholder(str),
       'train_images': 'train2017',
       'train_annotations': 'annotations/instances_train2017.json',
       'eval_images': 'val2017',
       'eval_annotations': 'annotations/instances_val2017.json',
+      'tfds_name': 'coco/2017',
+      'tfds_dir': ml_collections.config_dict.placeholder(str),  # tfds'.
+      'train_split': 'train',
+      'eval_split': 'validation',
   })
   config.input = ml_collections.ConfigDict({
       'batch_size': 16,
@@ -40,6 +55,13 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'
       'max_size': 1333,
       'eval_size': 800,
       'flip': True,
+      # Half the images: resize to 400-600, RandomSizeCrop(384, 600), then
+      # the multi-scale resize (the release's train transform).
+      'crop': True,
+      'crop_scales': (400, 500, 600),
+      'crop_size': (384, 600),
+      # Batches decoded ahead in host threads (0: in the training loop).
+      'num_threads': 4,
       # Padded batch sides: at most len(pad_sides) ** 2 compiled steps.
       'pad_sides': (512, 640, 800, 1024, 1344),
       'max_objects': 100,            # <= num_queries; COCO's most is 93.

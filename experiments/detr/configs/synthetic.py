@@ -25,6 +25,7 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'):
       'batch_size': 8, 'eval_batch_size': 16,
       'scales': (), 'eval_size': None,      # canvases at their own size.
       'flip': False,                        # a mirrored digit is no digit.
+      'crop': False,                        # COCO's crop sizes: 384-600 px.
       'pad_sides': (64, 96, 128), 'max_objects': 4})
   config.model.update({
       'num_classes': 11, 'num_queries': 10, 'hidden_dim': 64,
