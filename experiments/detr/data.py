@@ -50,12 +50,12 @@ class RandomCrop:
 
   With probability `prob` an image is resized (shorter side to one of
   `resize_scales`, no cap), cropped by `RandomSizeCrop(min_size, max_size)`,
-  then given the multi-scale resize as the other branch. The release's
-  values are the defaults.
+  then given the multi-scale resize as the other branch (the release's
+  `RandomSelect`, 0.5). The release's sizes are in `configs/coco.py`.
   """
-  resize_scales: Tuple[int, ...] = (400, 500, 600)
-  min_size: int = 384
-  max_size: int = 600
+  resize_scales: Tuple[int, ...]
+  min_size: int
+  max_size: int
   prob: float = 0.5
 
   def __post_init__(self):
