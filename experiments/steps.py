@@ -88,6 +88,43 @@ def init_state(params: Any, recipe: Recipe, rng: jax.Array) -> State:
           'nonfinite_steps': jnp.zeros((), jnp.int32)}
 
 
+def guarded_update(state: State, loss: jax.Array, grads: Any,
+                   tx: optax.GradientTransformation
+                   ) -> Tuple[Any, Any, jax.Array, jax.Array]:
+  """Applies `grads` with `tx` unless the loss or their norm is not finite.
+
+  Shared by every training step here (DeiT's and DETR's), so that a NaN
+  never enters any state and every run counts refused steps alike.
+
+  Args:
+    state: a training state (module docstring).
+    loss: the step's scalar loss.
+    grads: gradients of `loss` in the structure of `state['params']`.
+    tx: the optimiser whose state is `state['opt_state']`.
+
+  Returns:
+    `(params, opt_state, grad_norm, nonfinite_steps)`: the new (or, for a
+    refused step, the unchanged) parameters and optimiser state, the global
+    gradient norm and the running count of refused steps.
+  """
+  grad_norm = optax.tree.norm(grads)
+  # The gradient norm overflows to inf only for gradients beyond ~1e19,
+  # which no healthy run meets: refusing those steps too is intended.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(operands):
+    params, opt_state = operands
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  # A conditional, as optax.apply_if_finite: on CPU an elementwise select
+  # took no less time and one more params-sized buffer at its peak.
+  params, opt_state = jax.lax.cond(finite, update, lambda operands: operands,
+                                   (state['params'], state['opt_state']))
+  nonfinite_steps = state['nonfinite_steps'] + (~finite).astype(jnp.int32)
+  return params, opt_state, grad_norm, nonfinite_steps
+
+
 def train_step(state: State, batch: Batch, *, model: nn.Module,
                recipe: Recipe) -> Tuple[State, Metrics]:
   """One AdamW step on the label-smoothed, mixed-up cross-entropy.
@@ -128,21 +165,8 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
                                        targets).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state['params'])
-  grad_norm = optax.tree.norm(grads)
-  # The gradient norm overflows to inf only for gradients beyond ~1e19,
-  # which no healthy run meets: refusing those steps too is intended.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def update(operands):
-    params, opt_state = operands
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  # A conditional, as optax.apply_if_finite: on CPU an elementwise select
-  # took no less time and one more params-sized buffer at its peak.
-  params, opt_state = jax.lax.cond(finite, update, lambda operands: operands,
-                                   (state['params'], state['opt_state']))
-  nonfinite_steps = state['nonfinite_steps'] + (~finite).astype(jnp.int32)
+  params, opt_state, grad_norm, nonfinite_steps = guarded_update(
+      state, loss, grads, tx)
   new_state = {'step': state['step'] + 1, 'params': params,
                'opt_state': opt_state, 'rng': state['rng'],
                'nonfinite_steps': nonfinite_steps}

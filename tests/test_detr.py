@@ -470,6 +470,39 @@ def test_a_small_backbone_keeps_the_names_and_narrows_the_channels():
   assert shapes['params']['input_proj']['kernel'].shape == (1, 1, 256, 256)
 
 
+
+def test_dc5_dilates_the_last_stage_as_torchvision():
+  # A conv of stride 2 equals the stride-1 conv read at even positions, and
+  # a 3x3 conv of dilation 2 read at even positions equals a 3x3 conv on
+  # the even grid. So torchvision's dilated last stage (first block:
+  # stride 1, dilation 1; later blocks: dilation 2) read at even positions
+  # is the strided stage exactly; any other dilation schedule is not.
+  from irpe_jax.models import resnet  # pylint: disable=g-import-not-at-top
+  strided = resnet.ResNet((1, 1, 1, 2), width=4)
+  dilated = resnet.ResNet((1, 1, 1, 2), width=4, dilate_last=True)
+  images = jax.random.normal(jax.random.key(0), (2, 64, 96, 3))
+  params = strided.init(jax.random.key(1), images)
+  assert (jax.tree.map(jnp.shape, params)
+          == jax.tree.map(jnp.shape, dilated.init(jax.random.key(1), images)))
+  # Non-trivial frozen batch norms, so that every norm is exercised.
+  params = jax.tree.map(
+      lambda x: x + 0.1 * jax.random.uniform(jax.random.key(x.size), x.shape),
+      params)
+  coarse = strided.apply(params, images)
+  fine = dilated.apply(params, images)
+  assert coarse.shape == (2, 2, 3, 128) and fine.shape == (2, 4, 6, 128)
+  assert strided.stride == 32 and dilated.stride == 16
+  np.testing.assert_allclose(fine[:, ::2, ::2], coarse, rtol=1e-5,
+                             atol=1e-5 * float(jnp.abs(coarse).max()))
+  dc5 = models.DETR(backbone='resnet14', backbone_width=8, dilation=True,
+                    hidden_dim=16, num_heads=2, enc_layers=1, dec_layers=1,
+                    dim_feedforward=8, num_queries=3)
+  shapes = jax.eval_shape(lambda rng: detr.init_variables(dc5, rng),
+                          jax.random.key(0))
+  plain = jax.eval_shape(lambda rng: detr.init_variables(
+      dc5.clone(dilation=False), rng), jax.random.key(0))
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, plain)
+
 def _tiny_transformer(**kwargs):
   kwargs = dict(dict(enc_layers=2, dec_layers=2), **kwargs)
   return detr_transformer.Transformer(

@@ -108,6 +108,9 @@ def _tiny_config(root):
   config.model.update({'backbone_width': 8, 'hidden_dim': 32,
                        'num_heads': 2, 'enc_layers': 1, 'dec_layers': 1,
                        'dim_feedforward': 64, 'num_queries': 4})
+  # One recipe for every test here: the jitted steps are cached per (model,
+  # recipe), so the tests share one compile.
+  config.optim.update({'lr': 1e-3, 'backbone_lr': 1e-3})
   config.total_steps = 4
   config.log_every_steps = 1
   config.eval_every_steps = -1
@@ -133,8 +136,11 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
                 'batch_stats': resumed['state']['batch_stats']})
   first = json.loads((tmp_path / 'whole/metrics.jsonl').read_text()
                      .splitlines()[0])
-  for name in ('train/loss', 'train/loss_ce', 'train/loss_giou_0',
-               'train/class_error', 'train/cardinality_error'):
+  # One decoder layer: no auxiliary (`_0`) losses.
+  assert not any(name.endswith('_0') for name in first)
+  for name in ('train/loss', 'train/loss_ce', 'train/loss_bbox',
+               'train/loss_giou', 'train/class_error',
+               'train/cardinality_error'):
     assert np.isfinite(first[name])
 
 
@@ -144,7 +150,6 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   # Scored on its own training images.
   config.data.update({'eval_images': 'train',
                       'eval_annotations': 'annotations/instances_train.json'})
-  config.optim.update({'lr': 1e-3, 'backbone_lr': 1e-3})
   config.total_steps = 200
   config.log_every_steps = 10
   config.eval_every_steps = 200
@@ -157,3 +162,28 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   # The classes and boxes of the training images are recovered.
   assert result['eval']['AP50'] > 0.8, result['eval']
   assert result['eval']['AP'] > 0.5, result['eval']
+
+
+@pytest.mark.slow
+def test_a_nonfinite_step_is_refused_and_counted(digits):
+  config = _tiny_config(digits)
+  model = train.build_model(config)
+  recipe = train.recipe_of(config, 2)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
+  train_step, _ = train.compiled_steps(model, recipe, mesh)  # shared compile.
+  state = train.init_state(model, recipe, config)
+  examples = data.load_split(str(digits / 'train'),
+                             str(digits / 'annotations/instances_train.json'))
+  batch = next(data.train_batches(
+      examples, 4, 0, 0, (), 1333, False, (64,), 4))
+  batch = {k: batch[k] for k in train.BATCH_KEYS}
+  batch['images'][0, 3, 5] = np.nan
+  before = jax.device_get(state)
+  # The step donates its state: pass a copy.
+  after, metrics = train_step(jax.tree.map(np.copy, before), batch)
+  after = jax.device_get(after)
+  assert not np.isfinite(metrics['loss'])
+  assert int(after['nonfinite_steps']) == 1 and int(after['step']) == 1
+  jax.tree.map(np.testing.assert_array_equal,
+               (after['params'], after['opt_state']),
+               (before['params'], before['opt_state']))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from experiments import steps as base_steps
 from irpe_jax.models import detr
 from irpe_jax.models import detr_criterion
 from irpe_jax.models import detr_postprocess
@@ -92,9 +93,9 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
                recipe: DetrRecipe) -> Tuple[State, Dict[str, jax.Array]]:
   """One step of the release's recipe on the set losses of every layer.
 
-  As in `experiments.steps.train_step`, a step whose loss or gradient norm
-  is not finite is not applied: it only advances `step` and counts itself
-  in `nonfinite_steps`.
+  As in `experiments.steps.train_step` (`guarded_update`), a step whose
+  loss or gradient norm is not finite is not applied: it only advances
+  `step` and counts itself in `nonfinite_steps`.
 
   Args:
     state: the training state (module docstring).
@@ -123,17 +124,10 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
 
   (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state['params'])
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-  params = optax.apply_updates(state['params'], updates)
-  keep_new = lambda new, old: jnp.where(finite, new, old)
-  nonfinite_steps = state['nonfinite_steps'] + (~finite).astype(jnp.int32)
-  new_state = dict(state, step=state['step'] + 1,
-                   params=jax.tree.map(keep_new, params, state['params']),
-                   opt_state=jax.tree.map(keep_new, opt_state,
-                                          state['opt_state']),
-                   nonfinite_steps=nonfinite_steps)
+  params, opt_state, grad_norm, nonfinite_steps = base_steps.guarded_update(
+      state, loss, grads, tx)
+  new_state = dict(state, step=state['step'] + 1, params=params,
+                   opt_state=opt_state, nonfinite_steps=nonfinite_steps)
   metrics = dict(losses, grad_norm=grad_norm,
                  lr=recipe.schedule()(state['step']),
                  nonfinite_steps=nonfinite_steps)

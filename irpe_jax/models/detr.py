@@ -140,18 +140,20 @@ class Backbone(nn.Module):
   Attributes:
     arch: a key of `resnet.DEPTHS` ('resnet50', 'resnet101', 'resnet14').
     width: the ResNet's `width` (torchvision's 64).
+    dilation: dilate the last stage (DC5, stride 16).
   """
   arch: str = 'resnet50'
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   width: int = 64
+  dilation: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array
                ) -> Tuple[jax.Array, jax.Array]:
     """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`."""
     features = resnet.ResNet(resnet.DEPTHS[self.arch], self.dtype,
-                             self.param_dtype, self.width,
+                             self.param_dtype, self.width, self.dilation,
                              name='body')(images)
     return features, shrink_mask(pixel_mask, *features.shape[1:3])
 
@@ -208,6 +210,9 @@ class DETR(nn.Module):
       scratch on a CPU).
     backbone_width: the ResNet's stem width, doubled per stage; 64 as
       torchvision (released weights need 64), e.g. 8 for a tiny model.
+    dilation: the release's `--dilation` (DETR-DC5): the backbone's last
+      stage dilated instead of strided, so the encoder sees a feature map
+      of stride 16, four times the tokens. Same parameters.
     rpe_table_init: 'xavier_uniform' (the release) or 'zeros', or an
       initializer.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
@@ -228,6 +233,7 @@ class DETR(nn.Module):
   aux_loss: bool = True
   backbone: str = 'resnet50'
   backbone_width: int = 64
+  dilation: bool = False
   rpe_table_init: Any = 'xavier_uniform'
   impl: str = 'auto'
   remat: bool = False
@@ -304,7 +310,7 @@ class DETR(nn.Module):
     self._check(images, pixel_mask)
     rpe_config = self.rpe_config
     features, mask = Backbone(self.backbone, self.dtype, self.param_dtype,
-                              self.backbone_width,
+                              self.backbone_width, self.dilation,
                               name='backbone_0')(images, pixel_mask)
     self.sow('intermediates', 'backbone_features', features)
     pos = sine_position_encoding(mask, self.hidden_dim // 2)

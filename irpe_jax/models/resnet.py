@@ -69,11 +69,12 @@ class FrozenBatchNorm(nn.Module):
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any,
-          param_dtype: Any) -> nn.Conv:
-  """A bias-free conv padded `kernel // 2` on every side, as PyTorch's."""
-  pad = kernel // 2
+          param_dtype: Any, dilation: int = 1) -> nn.Conv:
+  """A bias-free conv padded `dilation * (kernel // 2)` a side, as PyTorch's."""
+  pad = dilation * (kernel // 2)
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), use_bias=False,
+                 padding=((pad, pad), (pad, pad)),
+                 kernel_dilation=(dilation, dilation), use_bias=False,
                  kernel_init=_conv_init, dtype=dtype, param_dtype=param_dtype,
                  name=name)
 
@@ -86,10 +87,12 @@ class Bottleneck(nn.Module):
     stride: stride of the 3x3 conv and of the projection shortcut.
     downsample: projects the shortcut with a strided 1x1 conv and a norm
       (`downsample_0`, `downsample_1`).
+    dilation: dilation (and padding) of the 3x3 conv.
   """
   width: int
   stride: int = 1
   downsample: bool = False
+  dilation: int = 1
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -101,7 +104,9 @@ class Bottleneck(nn.Module):
                                         param_dtype=self.param_dtype,
                                         name=name)
     out = nn.relu(norm('bn1')(conv(self.width, 1, 1, 'conv1')(x)))
-    out = nn.relu(norm('bn2')(conv(self.width, 3, self.stride, 'conv2')(out)))
+    out = nn.relu(norm('bn2')(_conv(self.width, 3, self.stride, 'conv2',
+                                    self.dtype, self.param_dtype,
+                                    self.dilation)(out)))
     out = norm('bn3')(conv(self.width * EXPANSION, 1, 1, 'conv3')(out))
     shortcut = x
     if self.downsample:
@@ -119,11 +124,20 @@ class ResNet(nn.Module):
       doubled at each stage; torchvision's 64.
     dtype: computation dtype.
     param_dtype: parameter and buffer dtype.
+    dilate_last: the last stage trades its stride for dilation
+      (torchvision's `replace_stride_with_dilation=[False, False, True]`,
+      DETR's DC5): output stride 16 instead of 32, same parameters.
   """
   depths: Tuple[int, ...] = DEPTHS['resnet50']
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   width: int = 64
+  dilate_last: bool = False
+
+  @property
+  def stride(self) -> int:
+    """Pixels per output position."""
+    return 16 if self.dilate_last else 32
 
   @property
   def num_channels(self) -> int:
@@ -132,7 +146,7 @@ class ResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
-    """`(B, H, W, 3)` -> `(B, ceil(H / 32), ceil(W / 32), num_channels)`."""
+    """`(B, H, W, 3)` -> `(B, ceil(H / stride), ceil(W / stride), C)`."""
     x = _conv(self.width, 7, 2, 'conv1', self.dtype, self.param_dtype)(images)
     x = nn.relu(FrozenBatchNorm(dtype=self.dtype, param_dtype=self.param_dtype,
                                 name='bn1')(x))
@@ -141,13 +155,17 @@ class ResNet(nn.Module):
     in_channels = self.width
     for stage, blocks in enumerate(self.depths):
       width = self.width * 2 ** stage
+      dilated = self.dilate_last and stage == len(self.depths) - 1
       for i in range(blocks):
-        stride = 2 if stage > 0 and i == 0 else 1
+        stride = 2 if stage > 0 and i == 0 and not dilated else 1
+        # torchvision: a dilated stage's first block keeps the previous
+        # dilation (1); the blocks after it dilate by the stride it dropped.
+        dilation = 2 if dilated and i > 0 else 1
         x = Bottleneck(
             width, stride,
             downsample=i == 0 and (stride != 1
                                    or in_channels != width * EXPANSION),
-            dtype=self.dtype, param_dtype=self.param_dtype,
+            dilation=dilation, dtype=self.dtype, param_dtype=self.param_dtype,
             name=f'layer{stage + 1}_{i}')(x)
         in_channels = width * EXPANSION
     return x
