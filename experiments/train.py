@@ -367,9 +367,9 @@ def train_and_evaluate(config: Any, workdir: str,
   # --- State: init, or restore from the workdir -----------------------------
   rng = jax.random.key(config.seed)
   image_shape = (1, config.input.image_size, config.input.image_size, 3)
-  # Eager init: its small ops compile once per process and serve later runs
-  # in it (tests, sweeps), where a jitted init recompiles for seconds.
-  params = model.init(rng, jnp.zeros(image_shape), train=False)['params']
+  # Compiled unoptimised, once per model and process (see `jitted_init`).
+  params = models.params.jitted_init(model)(
+      rng, jnp.zeros(image_shape), train=False)['params']
   state = replicate(
       steps.init_state(params, recipe, jax.random.fold_in(rng, 1)),
       replicated)

@@ -116,10 +116,12 @@ def attention_weights(model: Any, variables: Any, images: Any,
 
   Args:
     model: a Linen model whose attention sows
-      `intermediates/.../attention_weights` (e.g. `VisionTransformer`).
+      `intermediates/.../attention_weights` (e.g. `VisionTransformer`, or
+      `DETR`, whose encoder layers sow theirs).
     variables: its variables (`{'params': ...}`).
     images: the model's input `(B, H, W, C)`.
-    **kwargs: passed to `model.apply` (e.g. `train=False`).
+    **kwargs: passed to `model.apply` (e.g. `train=False`, or DETR's
+      `pixel_mask`).
 
   Returns:
     `(depth, B, heads, L, L)` float32, blocks in order of their names.
@@ -137,7 +139,8 @@ def attention_weights(model: Any, variables: Any, images: Any,
                      'IRPEAttention?')
 
   def order(item):
-    block = [n for n in item[0] if n.startswith('blocks_')]
+    # ViT names its blocks `blocks_{i}`, DETR's encoder `layers_{i}`.
+    block = [n for n in item[0] if n.startswith(('blocks_', 'layers_'))]
     return int(block[0].split('_')[1]) if block else 0
 
   return np.stack([value for _, value in sorted(found, key=order)])
@@ -169,7 +172,10 @@ def plot_attention_maps(path: str, maps: Dict[str, np.ndarray],
   shown = {(label, b): maps[label][b, q_token, skip:].reshape(rows, cols)
            for label in labels for b in blocks}
   vmax = max(float(v.max()) for v in shown.values())  # one shared scale.
-  image = np.asarray(image, np.float32)
+  image = np.asarray(image)
+  # Integer pixels are 0..255; matplotlib reads float RGB as 0..1.
+  image = (image / 255.0 if np.issubdtype(image.dtype, np.integer)
+           else image.astype(np.float32))
   image = image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image
   height, width = image.shape[:2]
   extent = (-0.5, width - 0.5, height - 0.5, -0.5)

@@ -162,6 +162,9 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   # The classes and boxes of the training images are recovered.
   assert result['eval']['AP50'] > 0.8, result['eval']
   assert result['eval']['AP'] > 0.5, result['eval']
+  # The evaluate command scores the run's last checkpoint as the run did.
+  assert evaluate.evaluate_checkpoint(config, str(tmp_path)) == pytest.approx(
+      result['eval'])
 
 
 @pytest.mark.slow

@@ -1,21 +1,29 @@
 r"""DETR with and without iRPE on the offline digits set, on a CPU.
 
-  python -m experiments.detr.demo [--out /tmp/detr_demo] [--steps 1500]
-      [--num_train 512] [--num_val 64]
+  python -m experiments.detr.demo [--out /tmp/detr_demo] [--steps 2000]
+      [--num_train 1024] [--num_val 128] [--seed 0]
 
-Writes the digits set (`make_synthetic_coco`), trains the small DETR of
-`configs/synthetic.py` (ResNet-14 of width 16 from scratch, two encoder and
-decoder layers) once plain and once with contextual product iRPE on the keys
-('rpe-2.0-product-ctx-1-k'), prints pycocotools' AP of both on the
-validation canvases, and draws each model's detections (score >= 0.5) on the
-first validation images: `OUT/detections_{plain,irpe}.png`, ground truth in
-green, predictions in red with `digit:score`.
+Writes the digits set (`make_synthetic_coco`: scikit-learn's handwritten
+digits pasted on 64-128 px canvases, COCO format), trains the small DETR of
+`configs/synthetic.py` (ResNet-14 DC5 of width 16 from scratch, two encoder
+and two decoder layers) once plain and once with contextual product iRPE on
+the keys ('rpe-2.0-product-ctx-1-k', the paper's best DETR setting), and
+prints pycocotools' AP of both on the validation canvases, whose digits are
+handwriting neither model saw. Pictures in `OUT`:
+
+- `detections_{plain,irpe}.png`: the first validation canvases, truth in
+  green, detections (score >= 0.5) in red with `digit:score`;
+- `encoder_attention.png`: where one encoder query (+, the centre of a
+  digit) attends in each encoder layer, heads averaged, for both models.
+
+`OUT/{plain,irpe,digits_coco}` are deleted first: each run starts afresh.
 """
 
 import argparse
 import os
+import shutil
 import time
-from typing import Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
 import jax
 import numpy as np
@@ -27,13 +35,19 @@ from experiments.detr import make_synthetic_coco
 from experiments.detr import steps
 from experiments.detr import train
 from experiments.detr.configs import synthetic
+from irpe_jax import viz
 
+# (name, the release's --enc_rpe2d)
 MODELS = (('plain', 'plain'), ('irpe', 'rpe-2.0-product-ctx-1-k'))
+CANVAS = 128  # the pictures use canvases of the largest size.
 
 
-def config_of(arg: str, root: str, num_steps: int):
+def config_of(arg: str, root: str, num_steps: int, num_train: int,
+              seed: int) -> Any:
   config = synthetic.get_config(arg)
+  config.seed = seed
   config.data.root = root
+  config.num_train_examples = num_train
   config.total_steps = num_steps
   config.eval_every_steps = num_steps
   config.checkpoint_every_steps = num_steps
@@ -41,24 +55,29 @@ def config_of(arg: str, root: str, num_steps: int):
   return config
 
 
-def draw(config, variables, examples, path: str, count: int = 8,
-         threshold: float = 0.5) -> None:
-  """A strip of `count` validation canvases with truth and detections."""
+def _batch(config: Any, examples: Sequence[data.Example]
+           ) -> Dict[str, np.ndarray]:
+  return next(data.eval_batches(examples, len(examples), None,
+                                config.input.max_size,
+                                config.input.pad_sides,
+                                config.input.max_objects))
+
+
+def draw_detections(config: Any, variables: Any,
+                    examples: Sequence[data.Example], path: str,
+                    threshold: float = 0.5) -> None:
+  """A strip of canvases, truth in green and detections in red."""
   model = train.build_model(config)
-  chosen = examples[:count]
-  batch = next(data.eval_batches(chosen, count, None, 1333,
-                                 config.input.pad_sides,
-                                 config.input.max_objects))
+  batch = _batch(config, examples)
   out = jax.device_get(jax.jit(lambda v, b: steps.predict_step(
       v, b, model=model))(variables, {k: batch[k] for k in (
           'images', 'pixel_mask', 'orig_size')}))
   scale, tiles = 3, []
-  for b, e in enumerate(chosen):
-    image = Image.fromarray(e['image']).resize(
-        (e['image'].shape[1] * scale, e['image'].shape[0] * scale),
-        Image.NEAREST)
-    pen = ImageDraw.Draw(image)
+  for b, e in enumerate(examples):
     h, w = e['orig_size']
+    image = Image.fromarray(e['image']).resize((w * scale, h * scale),
+                                               Image.NEAREST)
+    pen = ImageDraw.Draw(image)
     for cx, cy, bw, bh in e['boxes']:
       pen.rectangle([scale * w * (cx - bw / 2), scale * h * (cy - bh / 2),
                      scale * w * (cx + bw / 2), scale * h * (cy + bh / 2)],
@@ -68,6 +87,7 @@ def draw(config, variables, examples, path: str, count: int = 8,
       if score >= threshold:
         x0, y0, x1, y1 = (scale * np.asarray(box)).tolist()
         pen.rectangle([x0, y0, x1, y1], outline=(255, 0, 0))
+        # Category id `digit + 1` (id 0 unused, as COCO's).
         pen.text((x0 + 2, y0 + 1), f'{label - 1}:{score:.2f}',
                  fill=(255, 64, 64))
     tiles.append(image)
@@ -80,41 +100,82 @@ def draw(config, variables, examples, path: str, count: int = 8,
   strip.save(path)
 
 
-def run(out: str, num_steps: int, num_train: int, num_val: int
+def draw_encoder_attention(configs: Dict[str, Any],
+                           variables: Dict[str, Any],
+                           example: data.Example, path: str) -> None:
+  """Encoder attention of the token at the first digit's centre."""
+  batch = _batch(next(iter(configs.values())), [example])
+  maps, grid = {}, None
+  for name, config in configs.items():
+    model = train.build_model(config)
+    weights = viz.attention_weights(model, variables[name],
+                                    batch['images'],
+                                    pixel_mask=batch['pixel_mask'])
+    maps[f'{name} ({config.model.enc_rpe2d or "no iRPE"})'] = (
+        weights[:, 0].mean(1))  # (layers, L, L), heads averaged.
+    stride = 16 if config.model.dilation else 32
+    grid = tuple(-(-s // stride) for s in batch['images'].shape[1:3])
+  cx, cy = example['boxes'][0, :2]
+  query = (min(int(cy * grid[0]), grid[0] - 1),
+           min(int(cx * grid[1]), grid[1] - 1))
+  viz.plot_attention_maps(path, maps, example['image'], grid, query,
+                          blocks=range(next(iter(maps.values())).shape[0]),
+                          skip=0)
+
+
+def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int
         ) -> Dict[str, Dict[str, float]]:
+  """Trains both models; returns their eval metrics and training seconds."""
   root = os.path.join(out, 'digits_coco')
-  make_synthetic_coco.make(root, num_train=num_train, num_val=num_val)
-  results = {}
+  # A fresh start each time: a workdir left by an earlier demo would
+  # otherwise be resumed (and found finished).
+  for name in [n for n, _ in MODELS] + ['digits_coco']:
+    shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+  make_synthetic_coco.make(root, num_train=num_train, num_val=num_val,
+                           seed=seed)
+  results, configs, variables = {}, {}, {}
   for name, arg in MODELS:
-    config = config_of(arg, root, num_steps)
+    config = config_of(arg, root, num_steps, num_train, seed)
     start = time.time()
     result = train.train_and_evaluate(config, os.path.join(out, name))
-    seconds = time.time() - start
-    results[name] = dict(result['eval'], seconds=seconds)
-    state = result['state']
-    examples = data.load_split(
-        os.path.join(root, config.data.eval_images),
-        os.path.join(root, config.data.eval_annotations))
-    draw(config, {'params': state['params'],
-                  'batch_stats': state['batch_stats']}, examples,
-         os.path.join(out, f'detections_{name}.png'))
+    results[name] = dict(result['eval'], seconds=time.time() - start,
+                         compiles=result['compiles'])
+    configs[name] = config
+    variables[name] = {'params': result['state']['params'],
+                       'batch_stats': result['state']['batch_stats']}
+  examples: List[data.Example] = data.load_split(
+      os.path.join(root, 'val'),
+      os.path.join(root, 'annotations/instances_val.json'))
+  shown = [e for e in examples if e['image'].shape[0] == CANVAS][:6]
+  for name in configs:
+    draw_detections(configs[name], variables[name], shown,
+                    os.path.join(out, f'detections_{name}.png'))
+  draw_encoder_attention(configs, variables, shown[0],
+                         os.path.join(out, 'encoder_attention.png'))
   return results
 
 
 def main(argv: Sequence[str] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='/tmp/detr_demo')
-  parser.add_argument('--steps', type=int, default=1500)
-  parser.add_argument('--num_train', type=int, default=512)
-  parser.add_argument('--num_val', type=int, default=64)
+  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--num_train', type=int, default=1024)
+  parser.add_argument('--num_val', type=int, default=128)
+  parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
-  results = run(args.out, args.steps, args.num_train, args.num_val)
-  print(f'{"model":>28s} {"AP":>6s} {"AP50":>6s} {"AP75":>6s} '
-        f'{"train s":>8s}')
+  results = run(args.out, args.steps, args.num_train, args.num_val,
+                args.seed)
+  print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}: '
+        f'{args.steps} steps of 8 canvases, seed {args.seed}, '
+        f'{args.num_val} validation canvases')
+  print(f'{"model":>32s} {"AP":>6s} {"AP50":>6s} {"AP75":>6s} '
+        f'{"APs":>6s} {"APm":>6s} {"train s":>8s}')
   for (name, arg), r in zip(MODELS, results.values()):
-    print(f'{name + " (" + arg + ")":>28s} {r["AP"]:6.3f} {r["AP50"]:6.3f} '
-          f'{r["AP75"]:6.3f} {r["seconds"]:8.0f}')
-  print(f'pictures: {args.out}/detections_{{plain,irpe}}.png')
+    print(f'{name + " (" + arg + ")":>32s} {r["AP"]:6.3f} {r["AP50"]:6.3f} '
+          f'{r["AP75"]:6.3f} {r["APs"]:6.3f} {r["APm"]:6.3f} '
+          f'{r["seconds"]:8.0f}')
+  print(f'pictures: {args.out}/detections_{{plain,irpe}}.png, '
+        f'{args.out}/encoder_attention.png')
 
 
 if __name__ == '__main__':

@@ -7,11 +7,15 @@ r"""COCO box AP of a DETR checkpoint: a released `.pth` or a training run.
 `--checkpoint` is either a PyTorch checkpoint of the release (converted on
 load by `irpe_jax.convert`) or the `--workdir` of `experiments.detr.train`
 (its newest checkpoint that verifies). Prints AP, AP50, AP75, APs/m/l and
-the recalls on `config.data.eval_*`.
+the recalls on the eval split `config.data` names: a COCO folder
+(`data.root`) or, with `--config.data.source=tfds`, tfds' `coco/2017`
+`validation` as `tfds build coco/2017` prepared it. Images are read one at
+a time, never the whole split at once.
 """
 
 import os
-from typing import Any, Dict
+import tempfile
+from typing import Any, Dict, Optional
 
 from absl import app
 from absl import flags
@@ -24,7 +28,7 @@ import numpy as np
 
 from experiments import checkpoints
 from experiments import train as deit_train
-from experiments.detr import data
+from experiments.detr import sources
 from experiments.detr import train
 from irpe_jax import convert
 
@@ -43,12 +47,21 @@ def load_variables(config: Any, path: str) -> Dict[str, Any]:
   return convert.load_torch_checkpoint(path, model)
 
 
-def evaluate_checkpoint(config: Any, path: str) -> Dict[str, float]:
-  """pycocotools' box metrics of the checkpoint at `path`."""
+def evaluate_checkpoint(config: Any, path: str,
+                        cache_dir: Optional[str] = None) -> Dict[str, float]:
+  """pycocotools' box metrics of the checkpoint at `path`.
+
+  Args:
+    config: a DETR config; `config.data` names the eval split (a COCO
+      folder or a tfds dataset, see `sources.open_split`).
+    path: a release `.pth` or a training workdir.
+    cache_dir: where a tfds split's ground-truth json is written once
+      (pycocotools reads a file); default a folder in the system's temp.
+  """
   mesh = Mesh(np.array(jax.devices()), ('data',))
-  root = config.data.root
-  ann = os.path.join(root, config.data.eval_annotations)
-  examples = data.load_split(os.path.join(root, config.data.eval_images), ann)
+  examples = sources.open_split(config.data, 'eval')
+  ann = examples.annotation_file(cache_dir or os.path.join(
+      tempfile.gettempdir(), 'irpe_jax_coco_gt'))
   model = train.build_model(config)
   _, predict_step = train.compiled_steps(
       model, train.recipe_of(config, 1), mesh)

@@ -30,6 +30,7 @@ from irpe_jax import _checks
 from irpe_jax import config as config_lib
 from irpe_jax import initializers
 from irpe_jax.models import detr_transformer
+from irpe_jax.models import params as params_lib
 from irpe_jax.models import resnet
 
 Variables = Dict[str, Any]
@@ -363,7 +364,8 @@ def init_variables(model: DETR, rng: jax.Array,
     `{'params': ..., 'batch_stats': ...}`.
   """
   inputs = [jnp.zeros(x.shape, x.dtype) for x in model.example_inputs()]
-  variables = flax.core.unfreeze(jax.jit(model.init)(rng, *inputs))
+  variables = flax.core.unfreeze(
+      params_lib.jitted_init(model)(rng, *inputs))
   if backbone is not None:
     variables = replace_backbone(model, variables, backbone)
   return variables

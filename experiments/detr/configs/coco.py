@@ -71,7 +71,7 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'
       'enc_rpe2d': '' if arg == 'plain' else arg,
       'hidden_dim': 256, 'num_heads': 8, 'enc_layers': 6, 'dec_layers': 6,
       'dim_feedforward': 2048, 'dropout_rate': 0.1, 'backbone': 'resnet50',
-      'backbone_width': 64,
+      'backbone_width': 64, 'dilation': False,   # True: DETR-DC5.
       'rpe_table_init': 'xavier_uniform', 'remat': False,
   })
   # torchvision's ImageNet ResNet-50 `.pth` for the backbone ('' = random).
