@@ -38,7 +38,13 @@ def example_inputs(model: nn.Module) -> Tuple[jax.ShapeDtypeStruct, ...]:
 
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=64)
+def _unoptimised_init(model: nn.Module, static: Tuple[Tuple[str, Any], ...]
+                      ) -> Callable[..., Any]:
+  return jax.jit(functools.partial(model.init, **dict(static)),
+                 compiler_options={'xla_backend_optimization_level': 0})
+
+
 def jitted_init(model: nn.Module) -> Callable[..., Any]:
   """`model.init`, jitted at XLA's lowest backend optimisation, per model.
 
@@ -47,22 +53,25 @@ def jitted_init(model: nn.Module) -> Callable[..., Any]:
   takes seconds per parameter shape (a tiny DETR: a minute; a ViT: 15 s),
   against a fraction of a second unoptimised. The values are those of
   `model.init` within float32 rounding of the normal sampler (the integer
-  random bits are the same). Cached per (hashable) model, so later runs in
-  the process (tests, sweeps) compile nothing.
+  random bits are the same). Compiled once per (hashable) model and
+  non-array keyword arguments such as `train=False`, which stay static, so
+  later runs in the process (tests, sweeps) compile nothing.
 
   Returns:
     A function called as `model.init`: `(rngs, *args, **kwargs)`. Called
     inside a trace (`jit`, `eval_shape`), it is `model.init` itself: the
     enclosing program's compile settings apply.
   """
-  unoptimised = jax.jit(
-      model.init, compiler_options={'xla_backend_optimization_level': 0})
 
   def init(*args, **kwargs):
     if any(isinstance(x, jax.core.Tracer)
            for x in jax.tree.leaves((args, kwargs))):
       return model.init(*args, **kwargs)
-    return unoptimised(*args, **kwargs)
+    arrays = {k: v for k, v in kwargs.items()
+              if isinstance(v, (jax.Array, np.ndarray))}
+    static = tuple(sorted((k, v) for k, v in kwargs.items()
+                          if k not in arrays))
+    return _unoptimised_init(model, static)(*args, **arrays)
 
   return init
 
