@@ -1,5 +1,8 @@
 """The DETR benchmark: its epoch replay is the loop's, its quick run runs.
 
+The two tests that compile DETR training steps take a minute each on a
+2-core CPU and are marked slow (`-m slow` runs them).
+
 `experiments.detr.bench` counts the compiles of a COCO epoch by replaying
 `data.train_batches` on image sizes alone; these tests pin the replay to
 the real iterator and to the compiles of a real training run, so that the
@@ -78,16 +81,24 @@ def test_coco_epoch_counts_and_padding():
   assert 0 < counts['nested_padding'] < counts['padding'] < 1
 
 
+@pytest.mark.slow  # two DETR training steps to compile: a minute on 2 cores.
 def test_quick_bench_runs(capsys):
-  out = bench.main(['--quick', '--rounds', '1', '--num_images', '64',
-                    '--epoch_batches', '2'])
+  out = bench.main(['--quick', '--sizes', '64x96', '--rounds', '1',
+                    '--num_images', '64', '--epoch_batches', '2'])
   printed = capsys.readouterr().out
-  assert set(out['step']) == {'64x64', '64x96'}
-  for overhead in out['step'].values():
-    assert np.isfinite(overhead['paired_ratio'])
-    assert overhead['paired_ratio'] > 0
+  assert set(out['step']) == {'64x96'}
+  overhead = out['step']['64x96']
+  assert np.isfinite(overhead['paired_ratio']) and overhead['paired_ratio'] > 0
   assert 'vs plain, paired median' in printed and 'compiles' in printed
-  assert len(out['epoch']['counts'][2]['shapes']) >= 1
+  assert 1 <= len(out['epoch']['counts'][2]['shapes']) <= 25
+
+
+def test_quick_layer_part_runs():
+  out = bench.main(['--quick', '--part', 'layer', '--sizes', '64x96',
+                    '--rounds', '1', '--layer_impls', 'factored'])
+  times = out['layer'][(64, 96)]
+  assert set(times) == {'plain', f'{bench.RPE} [factored]'}
+  assert all(t > 0 for t in times.values())
 
 
 def _folder(root):
@@ -108,6 +119,7 @@ def _folder(root):
        'categories': [{'id': c, 'name': str(c)} for c in range(1, 11)]}))
 
 
+@pytest.mark.slow  # a training run compiling two steps: a minute on 2 cores.
 def test_training_compiles_once_per_padded_shape(tmp_path):
   _folder(tmp_path)
   config = synthetic.get_config('rpe-2.0-product-ctx-1-k')
@@ -120,15 +132,13 @@ def test_training_compiles_once_per_padded_shape(tmp_path):
   config.model.update({'backbone_width': 8, 'hidden_dim': 16,
                        'num_heads': 2, 'enc_layers': 1, 'dec_layers': 1,
                        'dim_feedforward': 16, 'num_queries': 3})
-  config.total_steps = 4
+  config.total_steps = 2  # one epoch of two batches, of two shapes.
   config.eval_every_steps = -1
   config.checkpoint_every_steps = 100
   config.progress_bar = False
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
-  per_epoch = len(SIZES) // 4
-  shapes = {shape for epoch in range(2) for shape, _ in bench.epoch_batches(
-      np.array(SIZES), 4, config.seed, epoch, SCALES, MAX_SIZE,
+  shapes = {shape for shape, _ in bench.epoch_batches(
+      np.array(SIZES), 4, config.seed, 0, SCALES, MAX_SIZE,
       config.input.flip, PAD_SIDES)}
-  assert config.total_steps == 2 * per_epoch
-  assert len(shapes) > 1
+  assert result['step'] == 2 and len(shapes) == 2
   assert result['compiles'] == len(shapes)
