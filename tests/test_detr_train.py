@@ -119,7 +119,6 @@ def _tiny_config(root):
   return config
 
 
-@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
   config = _tiny_config(digits)
   whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
@@ -144,7 +143,6 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
     assert np.isfinite(first[name])
 
 
-@pytest.mark.slow
 def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   config = _tiny_config(digits)
   # Scored on its own training images.
@@ -167,7 +165,6 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
       result['eval'])
 
 
-@pytest.mark.slow
 def test_a_nonfinite_step_is_refused_and_counted(digits):
   config = _tiny_config(digits)
   model = train.build_model(config)
