@@ -15,9 +15,11 @@ from experiments.detr import coco_eval
 from experiments.detr import data
 from experiments.detr import evaluate
 from experiments.detr import make_synthetic_coco
+from experiments.detr import pretrain_backbone
 from experiments.detr import train
 from experiments.detr.configs import coco as coco_config
 from experiments.detr.configs import synthetic
+from irpe_jax import convert
 
 
 @pytest.fixture(scope='module')
@@ -187,3 +189,25 @@ def test_a_nonfinite_step_is_refused_and_counted(digits):
   jax.tree.map(np.testing.assert_array_equal,
                (after['params'], after['opt_state']),
                (before['params'], before['opt_state']))
+
+
+def test_a_pretrained_backbone_is_where_training_starts(digits, tmp_path):
+  config = _tiny_config(digits)
+  backbone, accuracy = pretrain_backbone.pretrain(config, num_steps=2,
+                                                  batch_size=8, num_test=8)
+  assert 0.0 <= accuracy <= 1.0
+  path = str(tmp_path / 'backbone.msgpack')
+  convert.save_params(path, backbone)
+  config.backbone_init = path
+  model = train.build_model(config)
+  state = train.init_state(model, train.recipe_of(config, 2), config)
+  for collection in ('params', 'batch_stats'):
+    jax.tree.map(np.testing.assert_array_equal,
+                 state[collection]['backbone_0'],
+                 backbone[collection]['backbone_0'])
+  # Everything else is the model's own initialisation.
+  scratch = train.init_state(model, train.recipe_of(config, 2),
+                             _tiny_config(digits))
+  jax.tree.map(np.testing.assert_array_equal,
+               state['params']['transformer'],
+               scratch['params']['transformer'])

@@ -96,11 +96,19 @@ def evaluate(predict_step: Any, variables: Any, examples, config: Any,
 
 def init_state(model: detr.DETR, recipe: steps.DetrRecipe, config: Any
                ) -> Dict[str, Any]:
-  """Step-0 state: initialised model, optionally torchvision's backbone."""
+  """Step-0 state: initialised model, optionally a pretrained backbone.
+
+  `config.backbone_init` is torchvision's ResNet `.pth` (the release's
+  ImageNet start) or a `.msgpack` of backbone variables under DETR's names
+  (`experiments.detr.pretrain_backbone`); '' trains from scratch.
+  """
   rng = jax.random.key(config.seed)
   variables = detr.init_variables(model, rng)
   if config.backbone_init:
-    backbone = convert.load_torch_checkpoint(config.backbone_init, model)
+    if config.backbone_init.endswith('.msgpack'):
+      backbone = convert.load_params(config.backbone_init)
+    else:
+      backbone = convert.load_torch_checkpoint(config.backbone_init, model)
     variables = detr.replace_backbone(model, variables, backbone)
   state = base_steps.init_state(variables['params'], recipe,
                                 jax.random.fold_in(rng, 1))
