@@ -112,7 +112,8 @@ def _tiny_config(root):
                        'dim_feedforward': 64, 'num_queries': 4})
   # One recipe for every test here: the jitted steps are cached per (model,
   # recipe), so the tests share one compile.
-  config.optim.update({'lr': 1e-3, 'backbone_lr': 1e-3})
+  config.optim.update({'lr': 1e-3, 'backbone_lr': 1e-3,
+                       'freeze_stem': False})   # a backbone from scratch.
   config.total_steps = 4
   config.log_every_steps = 1
   config.eval_every_steps = -1

@@ -1,12 +1,14 @@
 r"""DETR with and without iRPE on the offline digits set, on a CPU.
 
   python -m experiments.detr.demo [--out /tmp/detr_demo] [--steps 2000]
-      [--num_train 1024] [--num_val 128] [--seed 0]
+      [--num_train 1024] [--num_val 128] [--seed 0] [--pretrain_steps 300]
 
 Writes the digits set (`make_synthetic_coco`: scikit-learn's handwritten
-digits pasted on 64-128 px canvases, COCO format), trains the small DETR of
-`configs/synthetic.py` (ResNet-14 DC5 of width 16 from scratch, two encoder
-and two decoder layers) once plain and once with contextual product iRPE on
+digits pasted on 64-128 px canvases, COCO format), pretrains the backbone
+as a digit classifier (`pretrain_backbone`: the release starts from an
+ImageNet ResNet), and from it trains the small DETR of
+`configs/synthetic.py` (ResNet-14 DC5 of width 16, two encoder and two
+decoder layers) once plain and once with contextual product iRPE on
 the keys ('rpe-2.0-product-ctx-1-k', the paper's best DETR setting), and
 prints pycocotools' AP of both on the validation canvases, whose digits are
 handwriting neither model saw. Pictures in `OUT`:
@@ -32,9 +34,11 @@ from PIL import ImageDraw
 
 from experiments.detr import data
 from experiments.detr import make_synthetic_coco
+from experiments.detr import pretrain_backbone
 from experiments.detr import steps
 from experiments.detr import train
 from experiments.detr.configs import synthetic
+from irpe_jax import convert
 from irpe_jax import viz
 
 # (name, the release's --enc_rpe2d)
@@ -49,6 +53,10 @@ def config_of(arg: str, root: str, num_steps: int, num_train: int,
   config.data.root = root
   config.num_train_examples = num_train
   config.total_steps = num_steps
+  # DETR's step decay (the rate x0.1 for the last third of training, as the
+  # release's epoch 100 of 150), in epochs of the digits set.
+  per_epoch = max(num_train // config.input.batch_size, 1)
+  config.optim.lr_drop_epoch = max(round(num_steps * 2 / 3 / per_epoch), 1)
   config.eval_every_steps = num_steps
   config.checkpoint_every_steps = num_steps
   config.log_every_steps = max(num_steps // 10, 1)
@@ -123,9 +131,14 @@ def draw_encoder_attention(configs: Dict[str, Any],
                           skip=0)
 
 
-def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int
-        ) -> Dict[str, Dict[str, float]]:
-  """Trains both models; returns their eval metrics and training seconds."""
+def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int,
+        pretrain_steps: int) -> Dict[str, Dict[str, float]]:
+  """Trains both models; returns their eval metrics and training seconds.
+
+  Returns:
+    `{'backbone': {'accuracy', 'seconds'}, 'plain': {...}, 'irpe': {...}}`,
+    the models' entries pycocotools' metrics plus `seconds` and `compiles`.
+  """
   root = os.path.join(out, 'digits_coco')
   # A fresh start each time: a workdir left by an earlier demo would
   # otherwise be resumed (and found finished).
@@ -133,9 +146,19 @@ def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int
     shutil.rmtree(os.path.join(out, name), ignore_errors=True)
   make_synthetic_coco.make(root, num_train=num_train, num_val=num_val,
                            seed=seed)
+  # One pretrained backbone for both models: the comparison is of iRPE.
+  start = time.time()
+  backbone, accuracy = pretrain_backbone.pretrain(
+      config_of('plain', root, num_steps, num_train, seed), pretrain_steps,
+      seed)
+  backbone_path = os.path.join(out, 'backbone.msgpack')
+  convert.save_params(backbone_path, backbone)
   results, configs, variables = {}, {}, {}
+  results['backbone'] = {'accuracy': accuracy,
+                         'seconds': time.time() - start}
   for name, arg in MODELS:
     config = config_of(arg, root, num_steps, num_train, seed)
+    config.backbone_init = backbone_path
     start = time.time()
     result = train.train_and_evaluate(config, os.path.join(out, name))
     results[name] = dict(result['eval'], seconds=time.time() - start,
@@ -162,12 +185,16 @@ def main(argv: Sequence[str] = None) -> None:
   parser.add_argument('--num_train', type=int, default=1024)
   parser.add_argument('--num_val', type=int, default=128)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--pretrain_steps', type=int, default=300)
   args = parser.parse_args(argv)
   results = run(args.out, args.steps, args.num_train, args.num_val,
-                args.seed)
-  print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}: '
-        f'{args.steps} steps of 8 canvases, seed {args.seed}, '
-        f'{args.num_val} validation canvases')
+                args.seed, args.pretrain_steps)
+  backbone = results.pop('backbone')
+  print(f'{jax.devices()[0].device_kind}, jax {jax.__version__}, seed '
+        f'{args.seed}: backbone pretrained for {args.pretrain_steps} steps '
+        f'({backbone["accuracy"]:.3f} digit accuracy, '
+        f'{backbone["seconds"]:.0f} s), then {args.steps} DETR steps of 8 '
+        f'canvases; AP on {args.num_val} validation canvases')
   print(f'{"model":>32s} {"AP":>6s} {"AP50":>6s} {"AP75":>6s} '
         f'{"APs":>6s} {"APm":>6s} {"train s":>8s}')
   for (name, arg), r in zip(MODELS, results.values()):
