@@ -151,9 +151,9 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   # Scored on its own training images.
   config.data.update({'eval_images': 'train',
                       'eval_annotations': 'annotations/instances_train.json'})
-  config.total_steps = 200
+  config.total_steps = 300
   config.log_every_steps = 10
-  config.eval_every_steps = 200
+  config.eval_every_steps = 300
   config.checkpoint_every_steps = 1000
   result = train.train_and_evaluate(config, str(tmp_path))
   losses = [json.loads(line)['train/loss'] for line in
