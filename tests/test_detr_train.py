@@ -212,3 +212,17 @@ def test_a_pretrained_backbone_is_where_training_starts(digits, tmp_path):
   jax.tree.map(np.testing.assert_array_equal,
                state['params']['transformer'],
                scratch['params']['transformer'])
+
+
+@pytest.mark.slow  # compiles the demo's own DETR twice: minutes on 2 cores.
+def test_the_demo_runs_end_to_end_and_draws_its_pictures(tmp_path):
+  from experiments.detr import demo  # pylint: disable=g-import-not-at-top
+  results = demo.run(str(tmp_path), num_steps=2, num_train=16, num_val=8,
+                     seed=3, pretrain_steps=1)
+  assert set(results) == {'backbone', 'plain', 'irpe'}
+  for name in ('plain', 'irpe'):
+    assert 0.0 <= results[name]['AP50'] <= 1.0
+    assert results[name]['compiles'] == 1
+  for picture in ('detections_plain.png', 'detections_irpe.png',
+                  'encoder_attention.png'):
+    assert (tmp_path / picture).stat().st_size > 1000

@@ -1,6 +1,6 @@
 r"""DETR with and without iRPE on the offline digits set, on a CPU.
 
-  python -m experiments.detr.demo [--out /tmp/detr_demo] [--steps 2000]
+  python -m experiments.detr.demo [--out /tmp/detr_demo] [--steps 4000]
       [--num_train 1024] [--num_val 128] [--seed 0] [--pretrain_steps 300]
 
 Writes the digits set (`make_synthetic_coco`: scikit-learn's handwritten
@@ -43,7 +43,6 @@ from irpe_jax import viz
 
 # (name, the release's --enc_rpe2d)
 MODELS = (('plain', 'plain'), ('irpe', 'rpe-2.0-product-ctx-1-k'))
-CANVAS = 128  # the pictures use canvases of the largest size.
 
 
 def config_of(arg: str, root: str, num_steps: int, num_train: int,
@@ -169,7 +168,8 @@ def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int,
   examples: List[data.Example] = data.load_split(
       os.path.join(root, 'val'),
       os.path.join(root, 'annotations/instances_val.json'))
-  shown = [e for e in examples if e['image'].shape[0] == CANVAS][:6]
+  # The largest canvases, in the order of the set.
+  shown = sorted(examples, key=lambda e: -e['image'].shape[0])[:6]
   for name in configs:
     draw_detections(configs[name], variables[name], shown,
                     os.path.join(out, f'detections_{name}.png'))
@@ -181,7 +181,7 @@ def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int,
 def main(argv: Sequence[str] = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--out', default='/tmp/detr_demo')
-  parser.add_argument('--steps', type=int, default=2000)
+  parser.add_argument('--steps', type=int, default=4000)
   parser.add_argument('--num_train', type=int, default=1024)
   parser.add_argument('--num_val', type=int, default=128)
   parser.add_argument('--seed', type=int, default=0)
