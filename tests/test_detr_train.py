@@ -5,6 +5,7 @@ one decoder layer of 32 features, 4 queries, iRPE-K) at 64x64 pixels, on
 one padded batch shape, so each run compiles its step once.
 """
 
+import collections
 import json
 
 import jax
@@ -38,8 +39,14 @@ def test_synthetic_set_is_coco_with_tight_digit_boxes(digits):
     assert 0 <= x and x + w <= 64 and 0 <= y and y + h <= 64 and w * h > 0
   examples = data.load_split(str(digits / 'train'),
                              str(digits / 'annotations/instances_train.json'))
+  per_image = collections.Counter(a['image_id'] for a in coco['annotations'])
+  assert set(per_image.values()) <= {1, 2, 3, 4}
   for e in examples:
-    assert 1 <= len(e['labels']) <= 4
+    # Every annotation of the image becomes a target, with its class.
+    assert len(e['labels']) == per_image[int(e['image_id'])]
+    assert sorted(e['labels']) == sorted(
+        a['category_id'] for a in coco['annotations']
+        if a['image_id'] == e['image_id'])
     assert (e['boxes'] > 0).all() and (e['boxes'] <= 1).all()
 
 
