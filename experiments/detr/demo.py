@@ -40,6 +40,7 @@ from experiments.detr import train
 from experiments.detr.configs import synthetic
 from irpe_jax import convert
 from irpe_jax import viz
+from irpe_jax.models import resnet
 
 # (name, the release's --enc_rpe2d)
 MODELS = (('plain', 'plain'), ('irpe', 'rpe-2.0-product-ctx-1-k'))
@@ -120,7 +121,7 @@ def draw_encoder_attention(configs: Dict[str, Any],
                                     pixel_mask=batch['pixel_mask'])
     maps[f'{name} ({config.model.enc_rpe2d or "no iRPE"})'] = (
         weights[:, 0].mean(1))  # (layers, L, L), heads averaged.
-    stride = 16 if config.model.dilation else 32
+    stride = resnet.ResNet(dilate_last=config.model.dilation).stride
     grid = tuple(-(-s // stride) for s in batch['images'].shape[1:3])
   cx, cy = example['boxes'][0, :2]
   query = (min(int(cy * grid[0]), grid[0] - 1),

@@ -74,6 +74,7 @@ def evaluate_checkpoint(config: Any, path: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  deit_train.configure_logging(flags.FLAGS.log_level)
   metrics = evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.checkpoint)
   for name, value in metrics.items():
     print(f'{name:>6s} {value:.3f}')

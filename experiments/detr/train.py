@@ -221,6 +221,8 @@ def train_and_evaluate(config: Any, workdir: str,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError('Too many command-line arguments.')
+  # DeiT's --log_level and filter: this program's lines, not orbax's.
+  deit_train.configure_logging(flags.FLAGS.log_level)
   train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
