@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from irpe_jax import buckets
 from irpe_jax.buckets import BucketGeometry
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -49,6 +50,10 @@ def _classes_by_key(geometry: BucketGeometry) -> Tuple[np.ndarray, np.ndarray]:
   pairs all fall in the skip bucket.
   """
   g = geometry
+  # (h + w) * L entries: small for square grids, 6.4 GB for a 1 x 40000 one.
+  buckets.check_grid_bytes('(h + w, L) offset classes of the factored '
+                           'scatter', (g.height + g.width, g.length),
+                           g.height, g.width, g.skip)
   ri, ci = np.divmod(np.arange(g.height * g.width), g.width)
   rk, ck = np.arange(g.height)[:, None], np.arange(g.width)[:, None]
   rows = np.full((g.height, g.length), -1, np.int32)

@@ -6,6 +6,10 @@ only on static shapes and hyper-parameters, so they are computed once per
 (method, shape, skip, alpha, beta, gamma, index_fn) and cached; a jitted
 model sees them as constants and traces once per input shape.
 
+A geometry itself is small (an offset table of about `4 L` entries,
+classes of `2 (h + w)`); its full `(L, L)` ids are built only when asked
+for, and only up to `MAX_IDS_BYTES` (see `check_grid_bytes`).
+
 The arithmetic follows the original PyTorch release bit for bit: float32
 throughout, round-half-to-even, truncation toward zero when converting to int.
 """
@@ -13,6 +17,8 @@ throughout, round-half-to-even, truncation toward zero when converting to int.
 import dataclasses
 import functools
 import numbers
+import os
+import threading
 from typing import Callable, Tuple, Union
 
 import numpy as np
@@ -150,6 +156,72 @@ _IndexFn = Callable[[np.ndarray, float, float, float], np.ndarray]
 _INDEX_FUNCTIONS = {'piecewise': piecewise_index, 'clip': clip_index}
 _MAX_BUCKETS = np.iinfo(np.int32).max
 
+# Most bytes of one int32 array built for a token grid: the (L, L) ids, the
+# (2h - 1, 2w - 1) offset table or the (h + w, L) classes of the factored
+# scatter. 2 GiB holds the ids of L = 23170 tokens: a 128 x 128 grid with
+# its class and distillation tokens (L = 16386, 1 GiB) and the dense
+# attention it needs (a 1 GiB float32 (L, L) per head and image) fit, with
+# room. Tracing a lookup holds two or three arrays of that size on the host
+# (the ids, the gather's flat index, its device copy; 2 GiB more peak memory
+# and 3 s on CPU for a 128 x 128 grid), up to 6 GiB at the limit; a
+# 200 x 200 grid would need 6.4 GB for its ids alone.
+# Read at each check, so assigning it takes effect; the environment
+# variable IRPE_JAX_MAX_IDS_BYTES, when set, takes precedence.
+MAX_IDS_BYTES = 2 ** 31
+MAX_IDS_BYTES_ENV = 'IRPE_JAX_MAX_IDS_BYTES'
+
+
+def max_ids_bytes() -> int:
+  """The limit in bytes: `$IRPE_JAX_MAX_IDS_BYTES`, else `MAX_IDS_BYTES`."""
+  text = os.environ.get(MAX_IDS_BYTES_ENV)
+  if text is None:
+    return _checks.check_int('irpe_jax.buckets.MAX_IDS_BYTES', MAX_IDS_BYTES,
+                             1)
+  try:
+    value = int(text.strip())
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise ValueError(f'{MAX_IDS_BYTES_ENV}={text!r}: expected a whole number '
+                     f'of bytes >= 1, e.g. {MAX_IDS_BYTES}.')
+  return value
+
+
+def _gib(num_bytes: int) -> str:
+  return f'{num_bytes / 2 ** 30:.3g} GiB'
+
+
+def check_grid_bytes(what: str, shape: Tuple[int, ...], height: int,
+                     width: int, skip: int) -> int:
+  """Raises before an int32 array of `shape` larger than the limit is built.
+
+  The limit is `max_ids_bytes()`: the environment variable
+  `IRPE_JAX_MAX_IDS_BYTES` if set, else `MAX_IDS_BYTES` (2 GiB: the `(L, L)`
+  ids of up to 23170 tokens, e.g. a 152 x 152 grid with a class token).
+
+  Args:
+    what: the array, as the message names it, e.g. '(L, L) bucket ids'.
+    shape: its shape.
+    height: rows of the token grid it is built for.
+    width: columns of the token grid.
+    skip: leading non-spatial tokens.
+
+  Returns:
+    The array's size in bytes.
+  """
+  num_bytes = 4 * int(np.prod(shape, dtype=object))
+  limit = max_ids_bytes()
+  if num_bytes > limit:
+    length = skip + height * width
+    raise ValueError(
+        f'The {what} of a height={height} x width={width} token grid with '
+        f'skip={skip} (L={length} tokens) would be an int32 array of shape '
+        f'{tuple(shape)}, {num_bytes} bytes ({_gib(num_bytes)}), over the '
+        f'limit of {limit} bytes ({_gib(limit)}); use a smaller grid, or '
+        f'raise the limit with the environment variable '
+        f'{MAX_IDS_BYTES_ENV} (or irpe_jax.buckets.MAX_IDS_BYTES).')
+  return num_bytes
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class BucketGeometry:
@@ -170,11 +242,15 @@ class BucketGeometry:
   distinct `g(dr)` and per `g(dc)`, each class pair its own bucket;
   'cross_rows' has one column class, 'cross_cols' one row class; 'euc' and
   'quant' group `|dr|` and `|dc|` (far offsets, which saturate, share a
-  class), and several class pairs share a bucket. Every pair that touches one of the `skip` leading tokens falls
-  in the last bucket, `num_buckets - 1`.
+  class), and several class pairs share a bucket. Every pair that touches
+  one of the `skip` leading tokens falls in the last bucket,
+  `num_buckets - 1`.
 
   Instances are cached per argument tuple, read-only, and hashable (by
   their arguments), so they can be static arguments of jitted functions.
+  The structure is small; the full `ids` are built on first access (and
+  kept), and raise there if they would exceed `MAX_IDS_BYTES` (see
+  `check_grid_bytes`): what works blockwise needs only the classes.
 
   Attributes:
     method: the canonical method ('euc', 'quant', 'product', 'cross_rows'
@@ -184,7 +260,8 @@ class BucketGeometry:
     skip: leading non-spatial tokens.
     num_buckets: buckets of the table, including the skip bucket if
       `skip > 0`.
-    ids: `(L, L)` read-only int32 bucket ids.
+    ids: `(L, L)` read-only int32 bucket ids (a property, built on first
+      access; raises `ValueError` past `MAX_IDS_BYTES`).
     row_class: `(2 * height - 1,)` int32 class of each row offset `dr`,
       in `[0, num_row_classes)`.
     col_class: `(2 * width - 1,)` int32 class of each column offset `dc`,
@@ -198,11 +275,32 @@ class BucketGeometry:
   width: int
   skip: int
   num_buckets: int
-  ids: np.ndarray = dataclasses.field(repr=False)
   row_class: np.ndarray = dataclasses.field(repr=False)
   col_class: np.ndarray = dataclasses.field(repr=False)
   pair_buckets: np.ndarray = dataclasses.field(repr=False)
   key: tuple = dataclasses.field(repr=False)
+  # The (2h - 1, 2w - 1) bucket of each offset, from which `ids` are built,
+  # and the built ids (a dict: the dataclass is frozen).
+  _offset_ids: np.ndarray = dataclasses.field(repr=False)
+  _built: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  @property
+  def ids(self) -> np.ndarray:
+    """`(L, L)` read-only int32 bucket ids, built on first access."""
+    ids = self._built.get('ids')
+    if ids is None:
+      # One build at a time: two threads tracing the same model would
+      # otherwise both allocate the (L, L) array.
+      with _BUILD_LOCK:
+        ids = self._built.get('ids')
+        if ids is None:
+          check_grid_bytes('(L, L) bucket ids', (self.length, self.length),
+                           self.height, self.width, self.skip)
+          ids = _read_only(_full_ids(self._offset_ids, self.height,
+                                     self.width, self.skip,
+                                     self.num_buckets - 1))
+          self._built['ids'] = ids
+    return ids
 
   def __hash__(self):
     return hash(self.key)
@@ -222,6 +320,9 @@ class BucketGeometry:
   @property
   def num_col_classes(self) -> int:
     return self.pair_buckets.shape[1]
+
+
+_BUILD_LOCK = threading.Lock()
 
 
 def _offset_buckets(method, height, width, alpha, beta, gamma,
@@ -320,7 +421,11 @@ def get_bucket_geometry(method: Union[str, int], height: int, width: int,
 
   Returns:
     The cached `BucketGeometry`; `ids` is
-    `(skip + height * width, skip + height * width)`.
+    `(skip + height * width, skip + height * width)`, built on first access.
+    The geometry costs `O((2h - 1) * (2w - 1))`; the ids `4 * L ** 2` bytes
+    (1 GiB and about 2 s on one CPU core for a 128 x 128 grid), and raise
+    `ValueError` past `MAX_IDS_BYTES` (2 GiB by default; see
+    `check_grid_bytes`).
   """
   return _cached_geometry(*_check_args(method, height, width, skip, alpha,
                                        beta, gamma, index_fn))
@@ -337,6 +442,10 @@ def get_bucket_ids_2d(method: Union[str, int], height: int, width: int,
     `(bucket_ids, num_buckets)`: a read-only int32 array
     `(skip + height * width, skip + height * width)` and the bucket count,
     including the extra bucket shared by all pairs that touch a skip token.
+
+  Raises:
+    ValueError: if the ids would exceed `MAX_IDS_BYTES` (2 GiB by default,
+      `L <= 23170`; see `check_grid_bytes`), before building them.
   """
   geometry = get_bucket_geometry(method, height, width, skip, alpha, beta,
                                  gamma, index_fn)
@@ -346,15 +455,18 @@ def get_bucket_ids_2d(method: Union[str, int], height: int, width: int,
 @functools.lru_cache(maxsize=256)
 def _cached_geometry(method, height, width, skip, alpha, beta, gamma,
                      index_fn) -> BucketGeometry:
+  # Before the index function, which also makes a few float32 temporaries
+  # of this shape.
+  check_grid_bytes('offset table', (2 * height - 1, 2 * width - 1), height,
+                   width, skip)
   offset_ids = _offset_buckets(method, height, width, alpha, beta, gamma,
                                _INDEX_FUNCTIONS[index_fn])
   row_tables, row_class = _classes(offset_ids, axis=0)
   pair_buckets, col_class = _classes(row_tables, axis=1)
   num_buckets = num_buckets_without_skip(method, beta) + (skip > 0)
-  ids = _full_ids(offset_ids, height, width, skip, num_buckets - 1)
   return BucketGeometry(
       method=method, height=height, width=width, skip=skip,
-      num_buckets=num_buckets, ids=_read_only(ids),
-      row_class=_read_only(row_class), col_class=_read_only(col_class),
-      pair_buckets=_read_only(pair_buckets),
-      key=(method, height, width, skip, alpha, beta, gamma, index_fn))
+      num_buckets=num_buckets, row_class=_read_only(row_class),
+      col_class=_read_only(col_class), pair_buckets=_read_only(pair_buckets),
+      key=(method, height, width, skip, alpha, beta, gamma, index_fn),
+      _offset_ids=_read_only(offset_ids))

@@ -26,14 +26,20 @@ def resolve_grid(length: int, height: Optional[int], width: Optional[int],
     height: rows of the token grid; None (with `width` None) for a square
       grid of side `floor(sqrt(L))`, as the release takes.
     width: columns of the token grid.
-    skip: the leading non-spatial tokens the table was configured for. With
-      the default square grid, `L` must be `skip + side ** 2`: the release
-      would silently run another grid (1 + 12 x 16 tokens on 13 x 13 with
-      24 extra "skip" tokens), so this raises and asks for `height` and
-      `width` instead.
+    skip: the leading non-spatial tokens the table was configured for, or
+      None to take `L - height * width` (the release's rule). Given, `L`
+      must be `skip + height * width`: the release would silently run
+      another grid (1 + 12 x 16 tokens on 13 x 13 with 24 extra "skip"
+      tokens), or count grid tokens as skip tokens (17 tokens on a 3 x 4
+      grid with 5 "skip" tokens), so this raises instead; with the default
+      square grid the message asks for `height` and `width`.
 
   Returns:
     `(height, width, L - height * width)`.
+
+  Raises:
+    ValueError: if `L < height * width`, or `L != skip + height * width`
+      for a given `skip`.
   """
   length = _checks.check_int('L', length, 1)
   if (height is None) != (width is None):
@@ -55,6 +61,14 @@ def resolve_grid(length: int, height: Optional[int], width: Optional[int],
     raise ValueError(f'The sequence has L={length} tokens, fewer than '
                      f'height*width = {height}*{width} = {height * width}; '
                      f'L must equal skip + height*width.')
+  if skip is not None and grid_skip != skip:
+    raise ValueError(
+        f'The sequence has L={length} tokens, but height={height}, '
+        f'width={width} and the configured skip={skip} need L = skip + '
+        f'height*width = {skip + height * width} (L={length} would leave '
+        f'{grid_skip} leading non-grid tokens); pass the token grid of the '
+        f'input, or a config whose skip is the number of leading non-grid '
+        f'tokens.')
   return height, width, grid_skip
 
 

@@ -122,13 +122,17 @@ def _per_platform(fn: Callable[..., jax.Array], impl: str, *args: jax.Array,
 
 
 def _unpack(ids: Ids, num_buckets: Optional[int] = None
-            ) -> Tuple[np.ndarray, int, Optional[BucketGeometry]]:
-  """`(ids (L, L), num_buckets, geometry or None)` of a geometry or bare ids."""
+            ) -> Tuple[Ids, int, int]:
+  """`(ids, L, num_buckets)` of a geometry (kept as is) or bare ids.
+
+  A geometry's full `(L, L)` ids are not built here but by the paths that
+  read them (`_full_ids`): the factored scatter needs only its classes.
+  """
   if isinstance(ids, BucketGeometry):
     if num_buckets is not None and num_buckets != ids.num_buckets:
       raise ValueError(f'num_buckets={num_buckets}, but the geometry has '
                        f'{ids.num_buckets} buckets.')
-    return ids.ids, ids.num_buckets, ids
+    return ids, ids.length, ids.num_buckets
   ids = np.asarray(ids)
   if ids.ndim != 2 or ids.shape[0] != ids.shape[1] or not np.issubdtype(
       ids.dtype, np.integer):
@@ -137,7 +141,12 @@ def _unpack(ids: Ids, num_buckets: Optional[int] = None
   if num_buckets is None:
     raise ValueError('num_buckets is needed with bare ids (a BucketGeometry '
                      'knows it).')
-  return ids, num_buckets, None
+  return ids, ids.shape[0], num_buckets
+
+
+def _full_ids(ids: Ids) -> np.ndarray:
+  """Bare ids, or a geometry's `(L, L)` ids (built within its size limit)."""
+  return ids.ids if isinstance(ids, BucketGeometry) else ids
 
 
 def _check_last_axes(name: str, x: jax.Array, expected: Tuple[int, int]):
@@ -206,6 +215,11 @@ def _flat_gather(z, ids, x_tokens_last=False):
   swapped encoding read straight from z, with no `(L, L)` transpose pass.
   """
   lq, nb = z.shape[-2:]
+  if lq * nb > np.iinfo(np.int32).max:
+    # The flat int32 index would wrap, and mode='clip' would hide it.
+    raise ValueError(f'z of shape {z.shape} flattens to rows of L * nb = '
+                     f'{lq * nb} entries, more than an int32 gather index '
+                     f'can address ({np.iinfo(np.int32).max}).')
   rows_of = np.arange(lq, dtype=np.int32) * nb
   if x_tokens_last:
     flat = (rows_of[None, :] + ids.T).reshape(-1)
@@ -226,16 +240,22 @@ class _Static:
   `(.., L, L)` arrays with their two axes swapped.
   """
 
-  def __init__(self, impl: str, ids: np.ndarray, num_buckets: int,
-               geometry: Optional[BucketGeometry], x_tokens_last: bool):
+  def __init__(self, impl: str, ids: Ids, num_buckets: int,
+               x_tokens_last: bool):
     self.impl = impl
-    self.ids = ids
+    self._source = ids
     self.num_buckets = num_buckets
-    self.geometry = geometry if impl == 'factored' else None
+    is_geometry = isinstance(ids, BucketGeometry)
+    self.geometry = ids if is_geometry and impl == 'factored' else None
     self.x_tokens_last = x_tokens_last
     # A geometry hashes by its arguments; bare ids by their bytes.
-    self._key = (impl, geometry, x_tokens_last) if geometry is not None else (
+    self._key = (impl, ids, x_tokens_last) if is_geometry else (
         impl, ids.shape, num_buckets, x_tokens_last, ids.tobytes())
+
+  @property
+  def ids(self) -> np.ndarray:
+    """The full `(L, L)` ids, built only by the paths that read them."""
+    return _full_ids(self._source)
 
   def __hash__(self):
     return hash(self._key)
@@ -283,24 +303,22 @@ _scatter_custom.defvjp(_scatter_fwd, _scatter_bwd)
 
 
 def _gather(z, ids, num_buckets, *, impl, x_tokens_last):
-  ids, num_buckets, geometry = _unpack(ids, num_buckets)
-  _check_last_axes('z', z, (ids.shape[0], num_buckets))
+  ids, length, num_buckets = _unpack(ids, num_buckets)
+  _check_last_axes('z', z, (length, num_buckets))
   if impl in _CUSTOM_VJP_IMPLS:
-    return _gather_custom(z, _Static(impl, ids, num_buckets, geometry,
-                                     x_tokens_last))
-  out = _take_gather(z, ids)
+    return _gather_custom(z, _Static(impl, ids, num_buckets, x_tokens_last))
+  out = _take_gather(z, _full_ids(ids))
   return jnp.swapaxes(out, -1, -2) if x_tokens_last else out
 
 
 def _scatter(a, ids, num_buckets, *, impl, x_tokens_last):
-  ids, num_buckets, geometry = _unpack(ids, num_buckets)
-  _check_last_axes('a', a, ids.shape)
+  ids, length, num_buckets = _unpack(ids, num_buckets)
+  _check_last_axes('a', a, (length, length))
   if impl in _CUSTOM_VJP_IMPLS:
-    return _scatter_custom(a, _Static(impl, ids, num_buckets, geometry,
-                                      x_tokens_last))
+    return _scatter_custom(a, _Static(impl, ids, num_buckets, x_tokens_last))
   if x_tokens_last:
     a = jnp.swapaxes(a, -1, -2)
-  return _segment_scatter(a, ids, num_buckets)
+  return _segment_scatter(a, _full_ids(ids), num_buckets)
 
 
 def bucket_gather(z: jax.Array, ids: Ids, num_buckets: Optional[int] = None,
@@ -423,7 +441,7 @@ def _head_matmul(x: jax.Array, table: jax.Array,
 
 
 def _bias(table, ids, *, impl, x_tokens_last):
-  ids, _, _ = _unpack(ids, table.shape[-1])
+  ids = _full_ids(_unpack(ids, table.shape[-1])[0])
   if x_tokens_last:
     ids = np.ascontiguousarray(ids.T)
   if impl == 'onehot':
@@ -455,7 +473,7 @@ def bias_encoding(table: jax.Array, ids: Ids, impl: str = 'auto',
 
 def _contextual_qk(x, table, ids, *, impl, x_tokens_last):
   if impl == 'naive':
-    ids, _, _ = _unpack(ids, table.shape[-1])
+    ids = _full_ids(_unpack(ids, table.shape[-1])[0])
     # Taken in the table's dtype: the gradient's scatter-add sums in it.
     weight = jnp.take(table, jnp.asarray(ids), axis=2).astype(x.dtype)
     out = jnp.einsum('bhid,hdij->bhij', x, weight)  # weight (Ht, D, L, L)
@@ -488,7 +506,7 @@ def contextual_qk_encoding(x: jax.Array, table: jax.Array, ids: Ids,
 
 def _contextual_v(a, table, ids, *, impl):
   if impl == 'naive':
-    ids, _, _ = _unpack(ids, table.shape[1])
+    ids = _full_ids(_unpack(ids, table.shape[1])[0])
     weight = jnp.take(table, jnp.asarray(ids), axis=1).astype(a.dtype)
     return jnp.einsum('bhij,hijd->bhid', a, weight)  # weight (Ht, L, L, D)
   s = _scatter(a, ids, table.shape[1], impl=impl, x_tokens_last=False)
@@ -514,11 +532,11 @@ def contextual_v_encoding(a: jax.Array, table: jax.Array, ids: Ids,
 
 def _xla_qk_encoding(x: jax.Array, table: jax.Array, ids: Ids) -> jax.Array:
   """Baseline for benchmarks: `take_along_axis`, XLA's scatter-add backward."""
-  ids, _, _ = _unpack(ids, table.shape[-1])
+  ids = _full_ids(_unpack(ids, table.shape[-1])[0])
   return _take_gather(_head_einsum(x, table), ids)
 
 
 def _xla_v_encoding(a: jax.Array, table: jax.Array, ids: Ids) -> jax.Array:
   """Baseline for benchmarks: `segment_sum`, XLA's gather backward."""
-  ids, num_buckets, _ = _unpack(ids, table.shape[1])
-  return _head_einsum(_segment_scatter(a, ids, num_buckets), table)
+  ids, _, num_buckets = _unpack(ids, table.shape[1])
+  return _head_einsum(_segment_scatter(a, _full_ids(ids), num_buckets), table)

@@ -16,6 +16,7 @@ import irpe_jax.nnx as irpe_nnx
 
 NORMAL = jax.nn.initializers.normal(0.5)
 CFG_K = irpe_jax.get_rpe_config(skip=1, rpe_on='k')
+CFG_K0 = irpe_jax.get_rpe_config(skip=0, rpe_on='k')
 CFG_CROSS_QKV = irpe_jax.get_rpe_config(method='cross', skip=1, rpe_on='qkv',
                                         shared_head=False)
 B, N, C, HEADS = 2, 1 + 3 * 4, 16, 2
@@ -254,8 +255,19 @@ def _init(module, *args, **kwargs):
      ((B, 1, N, 4),), {}, ValueError, 'use IRPECross'),
     (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=None),
      ((B, 1, N, 4),), {}, TypeError, 'rpe_config must be a SingleRPEConfig'),
-    # A table for skip=1 (50 buckets) fed a sequence without a class token.
+    # A config for skip=1 fed a sequence without a class token.
     (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k),
+     ((B, 1, 16, 4),), dict(height=4, width=4), ValueError,
+     'L=16 tokens, but height=4, width=4 and the configured skip=1 need '
+     'L = skip \\+ height\\*width = 17'),
+    # ... or one with 5 leading tokens on a 3x4 grid: not 5 skip tokens.
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K.rpe_k),
+     ((B, 1, 17, 4),), dict(height=3, width=4), ValueError,
+     'L=17 tokens, but height=3, width=4 and the configured skip=1 need '
+     'L = skip \\+ height\\*width = 13 \\(L=17 would leave 5 leading'),
+    # A 50-bucket table (skip>=1) on a skip=0 config and input.
+    (lambda: irpe_jax.IRPE(head_dim=4, rpe_config=CFG_K0.rpe_k,
+                           num_buckets=50),
      ((B, 1, 16, 4),), dict(height=4, width=4), ValueError,
      'skip=0 and needs 49; a 50-bucket table fits skip>=1'),
     # Without height/width, L must be the config's skip + a square grid: the

@@ -16,6 +16,7 @@ is resampled bicubically to the grid (`resample_posemb`), as timm and
 big_vision do for high-resolution fine-tuning.
 """
 
+import dataclasses
 from typing import Any, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -82,6 +83,48 @@ def resample_posemb(posemb: jax.Array, grid: Tuple[int, int],
   new = jax.image.resize(old.astype(jnp.float32), (rows, cols, old.shape[-1]),
                          method='bicubic').astype(posemb.dtype)
   return jnp.concatenate([prefix, new.reshape(1, rows * cols, -1)], axis=1)
+
+
+def rpe_config_for_prefix(rpe_config: Optional[config_lib.RPEConfig],
+                          num_prefix_tokens: int
+                          ) -> Optional[config_lib.RPEConfig]:
+  """`rpe_config` with `skip` set to the model's prefix tokens.
+
+  A table's bucket count only tells whether there are skip tokens (any
+  `skip >= 1` adds the one bucket they all share), so a config built with
+  `skip=1`, as the release's are, serves a distilled model's two prefix
+  tokens with the same tables, as the release does. A config with
+  `skip=0` has no such bucket and cannot.
+
+  Args:
+    rpe_config: the model's `RPEConfig`, or None.
+    num_prefix_tokens: the class token and, if distilled, the distillation
+      token.
+
+  Returns:
+    The config with `skip=num_prefix_tokens` on each table (itself if
+    already so; same tables and parameters), or None.
+
+  Raises:
+    ValueError: if a table has `skip=0`.
+  """
+  if rpe_config is None:
+    return None
+  changed = {}
+  for name in ('rpe_q', 'rpe_k', 'rpe_v'):
+    single = getattr(rpe_config, name)
+    if single is None or single.skip == num_prefix_tokens:
+      continue
+    if single.skip == 0:
+      raise ValueError(
+          f'rpe_config skip=0 ({name}) but the model has num_prefix_tokens='
+          f'{num_prefix_tokens} (class token'
+          f'{" and distillation token" if num_prefix_tokens == 2 else ""}): '
+          f'its {single.num_buckets}-bucket table has no bucket for them; '
+          f'build the config with skip={num_prefix_tokens} (any skip >= 1 '
+          f'gives the same tables).')
+    changed[name] = dataclasses.replace(single, skip=num_prefix_tokens)
+  return dataclasses.replace(rpe_config, **changed) if changed else rpe_config
 
 
 class DropPath(nn.Module):
@@ -198,7 +241,10 @@ class VisionTransformer(nn.Module):
     attn_drop_rate: dropout on the attention weights.
     drop_path_rate: stochastic depth of the last block; block `i` uses
       `drop_path_rate * i / (depth - 1)`, as DeiT.
-    rpe_config: an `irpe_jax.RPEConfig` used in every block, or None.
+    rpe_config: an `irpe_jax.RPEConfig` used in every block, or None. Its
+      tables need `skip >= 1` and are used with `skip = num_prefix_tokens`
+      (see `rpe_config_for_prefix`): a `skip=1` config serves a distilled
+      model too.
     distilled: adds the distillation token and the `head_dist` head (DeiT-D).
     use_abs_pos_embed: adds the learnable absolute `pos_embed` (the paper's
       Table 4 switches it off).
@@ -282,6 +328,8 @@ class VisionTransformer(nn.Module):
       as `intermediates/blocks_{i}/attn/attention_weights`.
     """
     self._check(images)
+    rpe_config = rpe_config_for_prefix(self.rpe_config,
+                                       self.num_prefix_tokens)
     deterministic = not train
     x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype,
                    self.param_dtype, name='patch_embed')(images)
@@ -313,7 +361,7 @@ class VisionTransformer(nn.Module):
           num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
           qkv_bias=self.qkv_bias, drop_rate=self.drop_rate,
           attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
-          rpe_config=self.rpe_config, dtype=self.dtype,
+          rpe_config=rpe_config, dtype=self.dtype,
           param_dtype=self.param_dtype, impl=self.impl,
           name=f'blocks_{i}')(x, rows, cols, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
