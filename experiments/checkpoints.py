@@ -22,7 +22,7 @@ import hashlib
 import os
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import jax
@@ -225,9 +225,34 @@ class Checkpoints:
           '. Move the folder away to start the run afresh.')
     return None
 
+  def _check_same_model(self, step: int, target: Any) -> None:
+    """Raises if checkpoint `step` holds other params than `target`'s.
+
+    A resume with the config of another model is a mistake in the command,
+    not damage: it must neither pass for damage (and set good checkpoints
+    aside) nor be advised to start afresh. Called once the step's files
+    match their sums, so that damaged metadata cannot pass for another
+    model; unreadable metadata is left to the restore, which reports it.
+    """
+    try:
+      metadata = ocp.PyTreeCheckpointer().metadata(
+          os.path.join(self.directory, str(step), 'state'))
+      metadata = getattr(metadata, 'item_metadata', metadata)
+      saved = getattr(metadata, 'tree', metadata)['params']
+    except Exception:  # pylint: disable=broad-except
+      return
+    problem = misfit(saved, target['params'])
+    if problem:
+      raise ValueError(
+          f'Checkpoint {step} of {self.directory} holds another model than '
+          f'the config: it {problem}. Resume with the config of the run, or '
+          'give a new --workdir.')
+
   def _restore_step(self, step: int, target: Any) -> Any:
     folder = os.path.join(self.directory, str(step))
     verified = verify_checksums(folder)
+    if verified:
+      self._check_same_model(step, target)
     try:
       restored = self.latest.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target),
@@ -327,3 +352,158 @@ class Checkpoints:
     self.best.wait_until_finished()
     self.latest.close()
     self.best.close()
+
+
+# --- Reading a run without touching it -------------------------------------
+
+
+def _steps_of(directory: str) -> List[int]:
+  """The finished steps of a checkpoint folder, newest first."""
+  steps = []
+  for name in os.listdir(directory):
+    if name.isdigit() and os.path.isdir(os.path.join(directory, name)):
+      steps.append(int(name))
+  return sorted(steps, reverse=True)
+
+
+def _read_step(directory: str, step: int) -> Any:
+  """The saved state of one step as numpy arrays, verified and finite.
+
+  Read as saved, with no target: the device count of the run does not
+  matter, and nothing is dropped (the caller compares it with its model).
+  """
+  folder = os.path.join(directory, str(step))
+  verified = verify_checksums(folder)
+  try:
+    checkpointer = ocp.PyTreeCheckpointer()
+    path = os.path.join(folder, 'state')
+    metadata = checkpointer.metadata(path)
+    # orbax's step metadata wraps the tree in newer versions.
+    metadata = getattr(metadata, 'item_metadata', metadata)
+    metadata = getattr(metadata, 'tree', metadata)
+    tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        restore_args=jax.tree.map(
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)))
+  except Exception as e:  # pylint: disable=broad-except
+    raise DamagedCheckpointError(
+        f'orbax cannot restore it ({_describe(e)})') from e
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise DamagedCheckpointError(
+        f'non-finite values in {", ".join(bad[:3])}'
+        + (f' and {len(bad) - 3} more' if len(bad) > 3 else ''))
+  if not verified:
+    logging.warning('%s has no %s: it restores and its values are finite, '
+                    'so it is used unverified.', folder, CHECKSUMS)
+  return tree
+
+
+def read_run(workdir: str, sources: Sequence[str] = ('best', 'checkpoints')
+             ) -> Tuple[Any, str]:
+  """The saved tree of a run's newest good checkpoint, the run left as it is.
+
+  For evaluation: nothing is created, moved or written under `workdir`.
+  `best/` (its saved params) is tried first, then `checkpoints/` (the whole
+  state), each newest step first; a step that fails its checksums, does not
+  restore or holds a non-finite value is skipped with a warning naming it
+  and why. The tree comes back as it was saved (no target, so no partial
+  restore): the caller checks it against its model (`match_params`).
+
+  Args:
+    workdir: a run's folder.
+    sources: its checkpoint folders to try, in order.
+
+  Returns:
+    `(tree, description)`: `tree` as saved, in numpy arrays (params for
+    `best/`, the train state for `checkpoints/`), `description` e.g.
+    `'best/1200'` or `'checkpoints/1400 (skipped best/1200: ...)'`.
+
+  Raises:
+    ValueError: `workdir` holds no checkpoint.
+    DamagedCheckpointError: it holds some, and none passes.
+  """
+  skipped: List[str] = []
+  for sub in sources:
+    directory = os.path.abspath(os.path.join(workdir, sub))
+    if not os.path.isdir(directory):
+      continue
+    for step in _steps_of(directory):
+      try:
+        tree = _read_step(directory, step)
+      except (DamagedCheckpointError, OSError) as e:
+        skipped.append(f'{sub}/{step}: {_describe(e)}')
+        logging.warning('Skipping %s/%d of %s: %s', sub, step, workdir,
+                        _describe(e))
+        continue
+      name = f'{sub}/{step}'
+      if skipped:
+        name += f' (skipped the damaged {"; ".join(skipped)})'
+      return tree, name
+  if skipped:
+    raise DamagedCheckpointError(
+        f'No checkpoint of {workdir} restores: {"; ".join(skipped)}.')
+  raise ValueError(f'{workdir!r} holds no checkpoint: no step folder under '
+                   f'{" or ".join(s + "/" for s in sources)}.')
+
+
+def _path_name(path: Tuple[Any, ...]) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(
+      k, 'name', k)))) for k in path)
+
+
+def _flat(tree: Any) -> Dict[str, Any]:
+  return {_path_name(p): v
+          for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _shape(leaf: Any) -> Tuple[int, ...]:
+  # Arrays, ShapeDtypeStructs and orbax's ArrayMetadata all have `.shape`.
+  return tuple(getattr(leaf, 'shape', np.shape(leaf)))
+
+
+def misfit(saved: Any, expected: Any) -> Optional[str]:
+  """How the tree `saved` differs from `expected` in names and shapes, or None.
+
+  Names every parameter missing from `saved`, every one `expected` lacks,
+  and every one whose shape differs.
+  """
+  have, want = _flat(saved), _flat(expected)
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  shapes = sorted(k for k in set(want) & set(have)
+                  if _shape(have[k]) != _shape(want[k]))
+  parts = []
+  if missing:
+    parts.append(f'lacks {len(missing)} the model has ({", ".join(missing)})')
+  if extra:
+    parts.append(f'holds {len(extra)} the model has not ({", ".join(extra)})')
+  if shapes:
+    parts.append(f'{len(shapes)} differ in shape (' + ', '.join(
+        f"{k} {_shape(have[k])} vs the model's {_shape(want[k])}"
+        for k in shapes) + ')')
+  return '; '.join(parts) or None
+
+
+def match_params(saved: Any, expected: Any, where: str) -> Any:
+  """`saved` in the structure of `expected`, or an error naming every misfit.
+
+  Args:
+    saved: a tree as restored (nested dicts of arrays).
+    expected: the model's tree (arrays or `jax.ShapeDtypeStruct`s).
+    where: what `saved` is, for the message (e.g. 'run/best/1200').
+
+  Returns:
+    `expected`'s structure with the saved values, cast to its dtypes.
+
+  Raises:
+    ValueError: naming every parameter missing from `saved`, every one the
+      model does not have, and every one whose shape differs.
+  """
+  problem = misfit(saved, expected)
+  if problem:
+    raise ValueError(f'{where} does not fit the model: it {problem}. Is the '
+                     'config the one of the run?')
+  have = _flat(saved)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(expected)
+  return jax.tree_util.tree_unflatten(treedef, [
+      np.asarray(have[_path_name(path)], leaf.dtype) for path, leaf in leaves])

@@ -37,6 +37,9 @@ import ml_collections
 import numpy as np
 import tqdm
 
+from experiments import checkpoints
+from experiments import cli
+from experiments import config_checks
 from experiments import input_pipeline
 from experiments import steps
 from experiments import train
@@ -50,37 +53,29 @@ RELEASE_CROP_FRACTION = 0.875
 def restore_workdir_params(workdir: str, target: Any) -> Tuple[Any, str]:
   """Params of a training workdir: its best, else its newest checkpoint.
 
+  Read through the verified checkpoints and never written to
+  (`checkpoints.read_run`): a damaged `best/` falls back to the newest good
+  checkpoint, and the description says which were skipped.
+
   Args:
     workdir: a `--workdir` of `experiments.train`.
-    target: params of the model (shapes and dtypes).
+    target: params of the model (arrays or `jax.ShapeDtypeStruct`s).
 
   Returns:
     `(params, description)`, e.g. `(params, 'best/1200')`.
 
   Raises:
-    ValueError: the workdir holds no checkpoint.
+    ValueError: the workdir holds no checkpoint, none restores, or the
+      restored params do not fit the model (each misfit named).
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  target = jax.tree.map(np.asarray, target)
-  for sub in ('best', 'checkpoints'):
-    directory = os.path.abspath(os.path.join(workdir, sub))
-    if not os.path.isdir(directory):
-      continue
-    manager = ocp.CheckpointManager(directory)
-    step = manager.latest_step()
-    if step is None:
-      continue
-    want = target if sub == 'best' else {'params': target}
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(
-            want, restore_args=jax.tree.map(
-                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), want),
-            partial_restore=True)))
-    manager.close()
-    state = restored.state
-    return (state if sub == 'best' else state['params']), f'{sub}/{step}'
-  raise ValueError(f'--checkpoint {workdir!r} is a folder without best/ or '
-                   'checkpoints/ of experiments.train.')
+  tree, name = checkpoints.read_run(workdir)
+  if not name.startswith('best/'):
+    if not isinstance(tree, dict) or 'params' not in tree:
+      raise ValueError(f'{workdir}/{name.split()[0]} holds no params: not a '
+                       'checkpoint of experiments.train.')
+    tree = tree['params']
+  where = os.path.join(workdir, name.split()[0])
+  return checkpoints.match_params(tree, target, where), name
 
 
 def load_checkpoint(path: str, model: Any) -> Tuple[Any, str]:
@@ -89,7 +84,6 @@ def load_checkpoint(path: str, model: Any) -> Tuple[Any, str]:
     image = jnp.zeros((1, model.img_size, model.img_size, model.in_chans))
     target = jax.eval_shape(
         lambda: model.init(jax.random.key(0), image, train=False))['params']
-    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), target)
     return restore_workdir_params(path, target)
   if not os.path.isfile(path):
     raise ValueError(f'--checkpoint {path!r} does not exist.')
@@ -167,42 +161,51 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument('--split', default=None, help='default: validation '
                       '(tfds); val, validation or test (folder)')
   parser.add_argument('--data_dir', default=None, help='tfds data directory')
-  parser.add_argument('--batch_size', type=int, default=None,
+  parser.add_argument('--batch_size', type=cli.positive_int, default=None,
                       help='global batch (default: the config\'s '
                       'eval_batch_size, 256 with --model)')
-  parser.add_argument('--num_threads', type=int, default=8,
+  parser.add_argument('--num_threads', type=cli.positive_int, default=8,
                       help='image decoding threads')
+  parser.add_argument('--log_level', default='info', choices=cli.LOG_LEVELS,
+                      help='debug: tracebacks for errors, and the '
+                      "libraries' log lines")
   return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
   args = parse_args(argv)
-  try:
-    split = args.split or default_split(args.data)
-    source, num_classes = input_pipeline.get_source(args.data, split,
-                                                    args.data_dir)
-    if args.model:
-      model = models.create_model(args.model)
-      input_config = ml_collections.ConfigDict({
-          'image_size': model.img_size, 'eval_batch_size': 256,
-          'crop_fraction': RELEASE_CROP_FRACTION})
-    else:
-      config = train.load_config(args.config)
-      model = train.build_model(config, config.num_classes or num_classes)
-      input_config = config.input
-    input_config = ml_collections.ConfigDict(dict(input_config))
-    input_config.num_threads = args.num_threads
-    # grain uses at most `prefetch` of the threads.
-    input_config.prefetch = max(input_config.get('prefetch', 0),
-                                args.num_threads)
-    if args.batch_size:
-      input_config.eval_batch_size = args.batch_size
-    if num_classes > model.num_classes:
-      raise ValueError(f'{args.data} has {num_classes} classes, the model '
-                       f'only {model.num_classes}.')
-    params, name = load_checkpoint(args.checkpoint, model)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f'error: {e}')
+  train.configure_logging(args.log_level)
+  # One line for an expected error; the traceback with --log_level=debug.
+  with cli.one_line_errors(args.log_level == 'debug'):
+    return evaluate_from_args(args)
+
+
+def evaluate_from_args(args: argparse.Namespace) -> Dict[str, float]:
+  """The program: the data, model and checkpoint of `args`, evaluated."""
+  split = args.split or default_split(args.data)
+  source, num_classes = input_pipeline.get_source(
+      args.data, split, args.data_dir, classes_from='train', print_fn=print)
+  if args.model:
+    model = models.create_model(args.model)
+    input_config = ml_collections.ConfigDict({
+        'image_size': model.img_size, 'eval_batch_size': 256,
+        'crop_fraction': RELEASE_CROP_FRACTION})
+  else:
+    config = train.load_config(args.config)
+    config_checks.check_deit_config(config)
+    model = train.build_model(config, config.num_classes or num_classes)
+    input_config = config.input
+  input_config = ml_collections.ConfigDict(dict(input_config))
+  input_config.num_threads = args.num_threads
+  # grain uses at most `prefetch` of the threads.
+  input_config.prefetch = max(input_config.get('prefetch', 0),
+                              args.num_threads)
+  if args.batch_size:
+    input_config.eval_batch_size = args.batch_size
+  if num_classes > model.num_classes:
+    raise ValueError(f'{args.data} has {num_classes} classes, the model '
+                     f'only {model.num_classes}.')
+  params, name = load_checkpoint(args.checkpoint, model)
   print(f'Evaluating {name} on {len(source)} images of {args.data} '
         f'({split}) at {input_config.image_size}px, batch '
         f'{input_config.eval_batch_size} on {jax.device_count()} '

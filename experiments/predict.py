@@ -21,6 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from experiments import cli
+from experiments import image_decode
 from experiments import transforms
 from irpe_jax import convert
 from irpe_jax import models
@@ -37,9 +39,10 @@ def preprocess(path: str, size: int) -> np.ndarray:
   Bicubic resize of the shorter side to `int(size / 0.875)`, centre crop
   (`transforms.center_crop`), ImageNet mean and std.
   """
-  with Image.open(path) as image:
-    return transforms.normalize(transforms.center_crop(
-        image.convert('RGB'), size, CROP_PCT))
+  # Decoded whole, every mode to 8-bit RGB with its range kept; a file
+  # that does not decode is an error naming it.
+  image = Image.fromarray(image_decode.read_image(path))
+  return transforms.normalize(transforms.center_crop(image, size, CROP_PCT))
 
 
 def class_names() -> List[str]:
@@ -62,19 +65,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help='registered name, see irpe_jax.models.list_models()')
   parser.add_argument('--checkpoint', required=True,
                       help='.pth or .npz of the release, or a Flax msgpack')
-  parser.add_argument('--top', type=int, default=5, help='classes to print')
+  parser.add_argument('--top', type=cli.positive_int, default=5,
+                      help='classes to print')
+  parser.add_argument('--log_level', default='info', choices=cli.LOG_LEVELS,
+                      help='debug: a traceback for errors')
   parser.add_argument('images', nargs='+', help='image files')
   args = parser.parse_args(argv)
+  # One line for an expected error; the traceback with --log_level=debug.
+  with cli.one_line_errors(args.log_level == 'debug'):
+    return predict(args)
 
+
+def predict(args: argparse.Namespace) -> int:
+  """Prints the top classes of every image of `args`; returns 0."""
   model = models.create_model(args.model)
   if model.num_classes != 1000:
-    parser.error(f'{args.model} has {model.num_classes} classes, not the '
-                 f'1000 of ImageNet-1k.')
-  try:
-    params = convert.load_params(args.checkpoint, model)
-  except ValueError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+    raise ValueError(f'{args.model} has {model.num_classes} classes, not the '
+                     '1000 of ImageNet-1k.')
+  params = convert.load_params(args.checkpoint, model)
   size = model.img_size
   images = np.stack([preprocess(path, size) for path in args.images])
   logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images)

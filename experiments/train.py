@@ -40,6 +40,8 @@ import tqdm
 
 import irpe_jax
 from experiments import checkpoints
+from experiments import cli
+from experiments import config_checks
 from experiments import input_pipeline
 from experiments import metrics as metrics_lib
 from experiments import optim
@@ -63,7 +65,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None,
 _DISTRIBUTED = flags.DEFINE_bool(
     'distributed', False, 'Call jax.distributed.initialize() with automatic '
     'cluster detection (Cloud TPU pods, SLURM).')
-LOG_LEVELS = ('debug', 'info', 'warning', 'error')
+LOG_LEVELS = cli.LOG_LEVELS
 _LOG_LEVEL = flags.DEFINE_enum(
     'log_level', 'info', LOG_LEVELS, "Lowest level of this program's log "
     'lines. The libraries (jax, orbax, grain, tfds, absl) log only warnings '
@@ -124,15 +126,7 @@ def configure_logging(level: str = 'info') -> std_logging.Handler:
   return handler
 
 
-def load_config(spec: str) -> Any:
-  """`get_config([ARG])` of a config file given as `FILE[:ARG]`."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    raise ValueError(f'config {spec!r}: no such file {path!r}.')
-  module_spec = importlib.util.spec_from_file_location('_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+load_config = cli.load_config
 
 
 def usage_with_config_keys(argv: List[str]) -> str:
@@ -156,9 +150,6 @@ def usage_with_config_keys(argv: List[str]) -> str:
   keys = common.describe(config).replace('%', '%%')
   return (__doc__.replace('%', '%%') + '\nConfig keys (override with '
           f'--config.KEY=VALUE; values of {source}):\n{keys}\n')
-
-NONFINITE_POLICIES = ('stop', 'skip')
-
 
 def build_model(config: Any, num_classes: int) -> models.VisionTransformer:
   """The model of `config`: a registered name with overrides, or fields."""
@@ -338,22 +329,23 @@ def train_and_evaluate(config: Any, workdir: str,
     `{'step', 'params', 'eval'}`: the final step, params (as host numpy) and
     the last eval metrics.
   """
-  if config.nonfinite_policy not in NONFINITE_POLICIES:
-    raise ValueError(f'config.nonfinite_policy={config.nonfinite_policy!r}; '
-                     f'expected one of {NONFINITE_POLICIES}.')
+  # Before any data is read or any step compiled.
+  config_checks.check_deit_config(config)
   checkpoints.check_writable(workdir)
 
   # --- Devices, data, model -------------------------------------------------
   mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
-  if config.input.batch_size % jax.device_count():
-    raise ValueError(f'batch_size={config.input.batch_size} must divide by '
-                     f'the {jax.device_count()} devices.')
+  for name in ('batch_size', 'eval_batch_size'):
+    if config.input[name] % jax.device_count():
+      raise ValueError(f'config.input.{name}={config.input[name]} must '
+                       f'divide by the {jax.device_count()} devices.')
   train_source, num_classes = input_pipeline.get_source(
       config.dataset, config.train_split, config.data_dir)
   eval_source, _ = input_pipeline.get_source(
-      config.dataset, config.eval_split, config.data_dir)
+      config.dataset, config.eval_split, config.data_dir,
+      classes_from=config.train_split)
   num_classes = config.num_classes or num_classes
   model = build_model(config, num_classes)
   total_steps, warmup_steps = total_steps_of(config, len(train_source))
@@ -453,16 +445,14 @@ def main(argv):
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
-  try:
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-  except (FloatingPointError, checkpoints.DamagedCheckpointError,
-          checkpoints.UnwritableWorkdirError) as e:
-    # Conditions of the run, not bugs: one clear line, no traceback.
-    sys.exit(f'error: {e}')
+  # An expected error (a bad config value, damaged data or checkpoints, a
+  # non-finite run) is one line, its traceback kept for --log_level=debug
+  # (`cli.run_with_config`).
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == '__main__':
   # `--help` prints the main module's docstring: add the config keys to it.
   sys.modules['__main__'].__doc__ = usage_with_config_keys(sys.argv)
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  cli.run_with_config(main)

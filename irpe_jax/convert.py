@@ -530,6 +530,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument('--max-bytes', type=int, default=None,
                       help='most bytes reading may allocate (default: 4x '
                       'the file size plus 64 MiB)')
+  parser.add_argument('--log_level', default='info',
+                      choices=('debug', 'info', 'warning', 'error'),
+                      help='debug: a traceback for errors')
   def usage_error(message):  # One line, as for every other bad input.
     print(f'error: {message} (see --help)', file=sys.stderr)
     sys.exit(2)
@@ -546,6 +549,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    max_bytes=args.max_bytes)
     save_params(args.output, params)
   except (ValueError, TypeError, OSError, MemoryError) as e:
+    if args.log_level == 'debug':
+      raise
     message = ' '.join(line.strip() for line in str(e).splitlines())
     print(f'error: {message or type(e).__name__}', file=sys.stderr)
     return 1

@@ -666,9 +666,10 @@ def test_predict_prints_the_detections_of_a_checkpoint(variables, tmp_path,
 
 
 def test_predict_names_a_bad_rpe_string_before_loading(tmp_path, capsys):
-  assert predict.main(['--checkpoint', str(tmp_path / 'missing.pth'),
-                       '--enc-rpe2d', 'rpe-2.0', 'x.png']) == 1
-  assert "enc_rpe2d='rpe-2.0'" in capsys.readouterr().err
+  with pytest.raises(SystemExit, match="^error: .*enc_rpe2d='rpe-2.0'"):
+    predict.main(['--checkpoint', str(tmp_path / 'missing.pth'),
+                  '--enc-rpe2d', 'rpe-2.0', 'x.png'])
+  del capsys
 
 
 @pytest.mark.parametrize('hw,expected', [

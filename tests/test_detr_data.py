@@ -60,9 +60,9 @@ def test_coco_category_ids_are_the_80_of_coco_2017():
 def test_folder_source_reads_images_on_access(digits, monkeypatch):
   root, _ = digits
   opened = []
-  real_open = sources.Image.open
-  monkeypatch.setattr(sources.Image, 'open',
-                      lambda path: opened.append(path) or real_open(path))
+  real_read = sources.image_decode.read_image
+  monkeypatch.setattr(sources.image_decode, 'read_image',
+                      lambda path: opened.append(path) or real_read(path))
   source = _folder(root, 'val')
   assert len(source) == 3 and not opened
   example = source[-1]

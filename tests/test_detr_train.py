@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import checkpoints
 from experiments.detr import coco_eval
 from experiments.detr import data
 from experiments.detr import evaluate
@@ -21,6 +22,7 @@ from experiments.detr import train
 from experiments.detr.configs import coco as coco_config
 from experiments.detr.configs import synthetic
 from irpe_jax import convert
+import snapshots
 
 
 @pytest.fixture(scope='module')
@@ -139,7 +141,8 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, whole['state']['params'],
                resumed['state']['params'])
   # The evaluate command reads a run's workdir as it reads a release .pth.
-  restored = evaluate.load_variables(config, str(tmp_path / 'killed'))
+  restored, name = evaluate.load_variables(config, str(tmp_path / 'killed'))
+  assert name == 'checkpoints/4'
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
                {'params': resumed['state']['params'],
                 'batch_stats': resumed['state']['batch_stats']})
@@ -151,6 +154,40 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
                'train/loss_giou', 'train/class_error',
                'train/cardinality_error'):
     assert np.isfinite(first[name])
+
+
+def test_evaluate_reads_a_run_without_touching_it(digits, tmp_path):
+  config = _tiny_config(digits)
+  model = train.build_model(config)
+  state = jax.device_get(train.init_state(model, train.recipe_of(config, 2),
+                                          config))
+  run = tmp_path / 'run'
+  ckpt = checkpoints.Checkpoints(str(run), 3, False)
+  for step in (2, 4):
+    ckpt.save(step, dict(state, step=np.asarray(step, np.int32)))
+  ckpt.close()
+  biggest = max((p for p in (run / 'checkpoints/4').rglob('*')
+                 if p.is_file()), key=lambda p: p.stat().st_size)
+  biggest.write_bytes(biggest.read_bytes()[:-7])
+  before = snapshots.snapshot(run)
+  variables, name = evaluate.load_variables(config, str(run))
+  assert name.startswith('checkpoints/2 (skipped the damaged checkpoints/4:')
+  jax.tree.map(np.testing.assert_array_equal, variables,
+               {'params': state['params'],
+                'batch_stats': state['batch_stats']})
+  # A config of another model: every misfit named, nothing restored.
+  deeper = _tiny_config(digits)
+  deeper.model.enc_layers = 2
+  with pytest.raises(ValueError, match='does not fit the model: it lacks '
+                     r'\d+ the model has \(.*encoder/layers_1/'):
+    evaluate.load_variables(deeper, str(run))
+  # Nothing moved to rejected_checkpoints/, nothing created.
+  assert snapshots.snapshot(run) == before
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(ValueError, match='holds no checkpoint'):
+    evaluate.load_variables(config, str(empty))
+  assert not list(empty.iterdir())
 
 
 def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):

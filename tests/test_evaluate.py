@@ -5,6 +5,7 @@ eval transform and the model, one at a time, no sharding or padding.
 """
 
 import pathlib
+import shutil
 
 import flax
 import jax
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from experiments import checkpoints
 from experiments import evaluate
 from experiments import input_pipeline
 from experiments import make_digits_folder
@@ -20,6 +22,7 @@ from experiments import train
 from experiments import transforms
 from irpe_jax import convert
 from irpe_jax import models
+import snapshots
 import train_worker
 
 GOLDEN = pathlib.Path(__file__).resolve().parent / 'golden'
@@ -28,6 +31,7 @@ import train_worker
 def get_config():
   config = train_worker.tiny_config({dataset!r})
   config.total_steps = 2
+  config.model.update({model!r})
   return config
 '''
 
@@ -94,9 +98,9 @@ def small_folder(tmp_path_factory, digits):
   return root
 
 
-def write_config(tmp_path, dataset):
-  path = tmp_path / 'tiny_config.py'
-  path.write_text(TINY_CONFIG.format(dataset=dataset))
+def write_config(tmp_path, dataset, **model):
+  path = tmp_path / f'tiny_config{len(model)}.py'
+  path.write_text(TINY_CONFIG.format(dataset=dataset, model=model))
   return str(path)
 
 
@@ -121,17 +125,114 @@ def test_npz_checkpoint_on_a_folder_matches_a_direct_computation(
   assert f'top-1 {100 * got["top1"]:.2f}%' in out
 
 
-def test_a_training_workdir_evaluates_as_training_did(tmp_path, small_folder):
+@pytest.fixture(scope='module')
+def run(tmp_path_factory, small_folder):
+  """A 2-step run of the tiny config: best/2 and checkpoints/2."""
   dataset = f'folder:{small_folder}'
   config = train_worker.tiny_config(dataset)
   config.total_steps = 2
-  ran = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  workdir = tmp_path_factory.mktemp('run')
+  ran = train.train_and_evaluate(config, str(workdir))
+  return workdir, ran['eval']
+
+
+def assert_eval_equal(got, want):
+  assert got['top1'] == pytest.approx(want['top1'], abs=1e-9)
+  assert got['top5'] == pytest.approx(want['top5'], abs=1e-9)
+  assert got['loss'] == pytest.approx(want['loss'], rel=1e-5)
+
+
+def test_a_training_workdir_evaluates_as_training_did(tmp_path, small_folder,
+                                                      run):
+  dataset = f'folder:{small_folder}'
+  workdir, ran = run
+  before = snapshots.snapshot(workdir)
   got = evaluate.main(['--config', write_config(tmp_path, dataset),
-                       '--checkpoint', str(tmp_path / 'wd'), '--data',
-                       dataset])
-  assert got['top1'] == pytest.approx(ran['eval']['top1'], abs=1e-9)
-  assert got['top5'] == pytest.approx(ran['eval']['top5'], abs=1e-9)
-  assert got['loss'] == pytest.approx(ran['eval']['loss'], rel=1e-5)
+                       '--checkpoint', str(workdir), '--data', dataset])
+  assert_eval_equal(got, ran)
+  assert snapshots.snapshot(workdir) == before
+
+
+def flip_a_byte(step_dir):
+  biggest = max((p for p in step_dir.rglob('*') if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  biggest.write_bytes(bytes(data))
+
+
+def test_a_damaged_best_falls_back_to_the_newest_good_checkpoint(
+    tmp_path, small_folder, run, capsys):
+  dataset = f'folder:{small_folder}'
+  workdir = tmp_path / 'run'
+  shutil.copytree(run[0], workdir)
+  flip_a_byte(workdir / 'best' / '2')
+  before = snapshots.snapshot(workdir)
+  argv = ['--config', write_config(tmp_path, dataset), '--checkpoint',
+          str(workdir), '--data', dataset]
+  got = evaluate.main(argv)
+  # checkpoints/2 holds the params that best/2 held.
+  assert_eval_equal(got, run[1])
+  out = capsys.readouterr().out
+  assert 'Evaluating checkpoints/2 (skipped the damaged best/2:' in out
+  assert 'differs from its checksum' in out
+  flip_a_byte(workdir / 'checkpoints' / '2')
+  before = snapshots.snapshot(workdir)
+  with pytest.raises(SystemExit, match='No checkpoint of .* restores: '
+                     'best/2: .*; checkpoints/2: '):
+    evaluate.main(argv)
+  # Nothing moved aside, nothing created: an evaluation only reads.
+  assert snapshots.snapshot(workdir) == before
+
+
+def test_a_run_of_another_model_names_every_misfit(tmp_path, small_folder,
+                                                   run):
+  dataset = f'folder:{small_folder}'
+  workdir = run[0]
+  before = snapshots.snapshot(workdir)
+  deeper = write_config(tmp_path, dataset, depth=2)
+  with pytest.raises(SystemExit) as raised:
+    evaluate.main(['--config', deeper, '--checkpoint', str(workdir),
+                   '--data', dataset])
+  message = str(raised.value)
+  assert message.startswith(f'error: {workdir}/best/2 does not fit')
+  # Every parameter of the second block is named.
+  config = train_worker.tiny_config(dataset)
+  config.model.depth = 2
+  model = train.build_model(config, 10)
+  params = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), np.zeros((1, 16, 16, 3)), train=False))['params']
+  second = ['/'.join(k) for k in flax.traverse_util.flatten_dict(params)
+            if k[0] == 'blocks_1']
+  assert len(second) > 5
+  assert f'lacks {len(second)} the model has' in message
+  assert all(name in message for name in second)
+  # Other patches: the position embedding and the patch kernel differ.
+  with pytest.raises(SystemExit, match='2 differ in shape .*pos_embed '
+                     r'\(1, 17, 16\) vs the model\'s \(1, 65, 16\)'):
+    evaluate.main(['--config', write_config(tmp_path, dataset, patch_size=2),
+                   '--checkpoint', str(workdir), '--data', dataset])
+  # The deeper run evaluated with the shallower config.
+  deep = tmp_path / 'deep'
+  ckpt = checkpoints.Checkpoints(str(deep), 1, False)
+  ckpt.save_best(5, jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                 params), {'top1': 0.5})
+  ckpt.close()
+  with pytest.raises(SystemExit, match=f'holds {len(second)} the model has '
+                     'not .*blocks_1/'):
+    evaluate.main(['--config', write_config(tmp_path, dataset),
+                   '--checkpoint', str(deep), '--data', dataset])
+  assert snapshots.snapshot(workdir) == before
+
+
+def test_an_empty_folder_is_an_error_and_stays_empty(tmp_path, small_folder):
+  dataset = f'folder:{small_folder}'
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  with pytest.raises(SystemExit, match='holds no checkpoint'):
+    evaluate.main(['--config', write_config(tmp_path, dataset),
+                   '--checkpoint', str(empty), '--data', dataset])
+  assert not list(empty.iterdir())
 
 
 def test_release_pth_on_mock_imagenet_with_the_release_eval_crop(
@@ -162,7 +263,7 @@ def test_bad_checkpoints_and_data_end_with_one_line(tmp_path, small_folder):
       (['--checkpoint', str(tmp_path / 'nope.npz'), '--data', dataset],
        'does not exist'),
       (['--checkpoint', str(tmp_path), '--data', dataset],
-       'without best/ or checkpoints/'),
+       'holds no checkpoint'),
       (['--checkpoint', str(tmp_path), '--data', f'folder:{tmp_path}'],
        'pass --split')):
     with pytest.raises(SystemExit, match=message):

@@ -31,6 +31,7 @@ from experiments import input_pipeline
 from experiments import metrics
 from experiments import plot_metrics
 from experiments import train
+import snapshots
 import train_worker
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -368,6 +369,19 @@ def test_no_checkpoint_restores_stops_with_every_reason(
   # Nothing was moved or overwritten: the user decides.
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
   assert not (workdir / 'rejected_checkpoints').exists()
+
+
+def test_resuming_with_another_models_config_names_it_and_keeps_the_run(
+    stopped_at_3, image_folder):
+  config = train_worker.tiny_config(f'folder:{image_folder}')
+  config.model.depth = 2
+  before = snapshots.snapshot(stopped_at_3)
+  with pytest.raises(ValueError, match='Checkpoint 3 of .* holds another model '
+                     'than the config: it lacks 14 the model has '
+                     r'\(blocks_1/.*Resume with the config of the run'):
+    train.train_and_evaluate(config, str(stopped_at_3))
+  # Not taken for damage: nothing set aside, nothing written.
+  assert snapshots.snapshot(stopped_at_3) == before
 
 
 def test_saved_checkpoints_carry_sums_that_verify(stopped_at_3):

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
+from experiments import cli
 from experiments.detr import preprocess
 from irpe_jax import convert
 from irpe_jax import models
@@ -61,20 +62,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       "('' for plain DETR)")
   parser.add_argument('--threshold', type=float, default=0.7,
                       help='lowest score printed')
-  parser.add_argument('--size', type=int, default=800,
+  parser.add_argument('--size', type=cli.positive_int, default=800,
                       help='shorter image side after resizing')
-  parser.add_argument('--max-size', type=int, default=1333,
+  parser.add_argument('--max-size', type=cli.positive_int, default=1333,
                       help='longest image side after resizing')
+  parser.add_argument('--log_level', default='info', choices=cli.LOG_LEVELS,
+                      help='debug: a traceback for errors')
   parser.add_argument('images', nargs='+', help='image files')
   args = parser.parse_args(argv)
+  # One line for an expected error; the traceback with --log_level=debug.
+  with cli.one_line_errors(args.log_level == 'debug'):
+    return predict(args)
 
-  try:
-    detr.parse_enc_rpe2d(args.enc_rpe2d)  # A bad string fails before loading.
-    model = models.DETR(enc_rpe2d=args.enc_rpe2d, aux_loss=False)
-    variables = convert.load_params(args.checkpoint, model)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+
+def predict(args: argparse.Namespace) -> int:
+  """Prints the detections of every image of `args`; returns 0."""
+  detr.parse_enc_rpe2d(args.enc_rpe2d)  # A bad string fails before loading.
+  model = models.DETR(enc_rpe2d=args.enc_rpe2d, aux_loss=False)
+  variables = convert.load_params(args.checkpoint, model)
   results = detect(model, variables, args.images, args.size, args.max_size)
   for path, found in zip(args.images, results):
     keep = found['scores'] >= args.threshold

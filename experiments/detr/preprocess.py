@@ -11,6 +11,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from experiments import image_decode
 from experiments import transforms
 
 # COCO's 91 category ids as DETR labels them ('N/A': ids COCO leaves out).
@@ -58,11 +59,12 @@ def load_image(path: str, size: int = 800, max_size: int = 1333
   Returns:
     `(image (h, w, 3) float32, (height, width) of the original)`.
   """
-  with Image.open(path) as image:
-    image = image.convert('RGB')
-    height, width = image.height, image.width
-    new_height, new_width = resized_size(height, width, size, max_size)
-    image = image.resize((new_width, new_height), Image.BILINEAR)
+  # Decoded whole, every mode to 8-bit RGB with its range kept; a file
+  # that does not decode is an error naming it.
+  image = Image.fromarray(image_decode.read_image(path))
+  height, width = image.height, image.width
+  new_height, new_width = resized_size(height, width, size, max_size)
+  image = image.resize((new_width, new_height), Image.BILINEAR)
   return transforms.normalize(image), (height, width)
 
 

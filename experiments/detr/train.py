@@ -31,6 +31,8 @@ from ml_collections import config_flags
 import numpy as np
 
 from experiments import checkpoints
+from experiments import cli
+from experiments import config_checks
 from experiments import metrics as metrics_lib
 from experiments import steps as base_steps
 from experiments import train as deit_train
@@ -130,24 +132,22 @@ def train_and_evaluate(config: Any, workdir: str,
     `{'step', 'state', 'eval', 'compiles'}`: the final step, the state on
     the host, the last eval metrics and the number of compiled train steps.
   """
-  if config.nonfinite_policy not in deit_train.NONFINITE_POLICIES:
-    raise ValueError(f'config.nonfinite_policy={config.nonfinite_policy!r}; '
-                     f'expected one of {deit_train.NONFINITE_POLICIES}.')
-  if config.input.max_objects > config.model.num_queries:
-    raise ValueError(f'input.max_objects={config.input.max_objects} must not '
-                     f'exceed model.num_queries={config.model.num_queries}.')
+  # Before any data is read or any step compiled.
+  config_checks.check_detr_config(config)
   checkpoints.check_writable(workdir)
   mesh = Mesh(np.array(jax.devices()), ('data',))
   replicated = NamedSharding(mesh, P())
   data_sharding = NamedSharding(mesh, P('data'))
   for name in ('batch_size', 'eval_batch_size'):
     if config.input[name] % jax.device_count():
-      raise ValueError(f'input.{name}={config.input[name]} must divide by '
-                       f'the {jax.device_count()} devices.')
+      raise ValueError(f'config.input.{name}={config.input[name]} must '
+                       f'divide by the {jax.device_count()} devices.')
   # Read on demand (sources); a tfds eval split's ground truth is written
   # once to the workdir for pycocotools.
-  train_examples = sources.open_split(config.data, 'train')
-  eval_examples = (sources.open_split(config.data, 'eval')
+  train_examples = sources.open_split(config.data, 'train',
+                                      num_classes=config.model.num_classes)
+  eval_examples = (sources.open_split(config.data, 'eval',
+                                      num_classes=config.model.num_classes)
                    if config.eval_every_steps >= 0 else [])
   eval_ann = (eval_examples.annotation_file(os.path.join(workdir, 'coco_gt'))
               if config.eval_every_steps >= 0 else '')
@@ -232,4 +232,6 @@ if __name__ == '__main__':
   if 'config' not in flags.FLAGS:
     config_flags.DEFINE_config_file('config', None, 'DETR config.')
     flags.DEFINE_string('workdir', None, 'Checkpoints and metrics.')
-  app.run(main)
+  flags.mark_flags_as_required(['config', 'workdir'])
+  # One line for an expected error; a traceback with --log_level=debug.
+  cli.run_with_config(main)
