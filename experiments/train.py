@@ -412,15 +412,16 @@ def train_and_evaluate(config: Any, workdir: str,
             'images_per_sec': rate * config.input.batch_size}, 'train')
         timer_start, timer_step = time.time(), step
       paused = time.time()
+      # Saved before the evaluation: an evaluation that stops (unreadable
+      # eval data) must not cost the step's state.
+      if save:
+        ckpt.save(step, state)
       if evaluate_now:
         eval_metrics = evaluate(
             eval_step, state['params'],
             input_pipeline.eval_batches(eval_source, config.input),
             data_sharding)
         writer.write(step, eval_metrics, 'eval')
-      if save:
-        ckpt.save(step, state)
-      if evaluate_now:
         ckpt.save_best(step, state['params'], eval_metrics)
       timer_start += time.time() - paused  # the rate counts training only.
       if step == stop_at_step:

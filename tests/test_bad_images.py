@@ -16,7 +16,9 @@ the grain train and eval iterators and `experiments.train`.
 
 import io
 import logging
+import os
 import pathlib
+import shutil
 import struct
 import zlib
 
@@ -466,3 +468,19 @@ def test_train_and_evaluate_runs_through_bad_files_and_names_them(
   # The eval split (no class_1) is labelled by train's classes.
   assert "no folder for 1 of the 3 training classes: ['class_1']" in (
       caplog.text)
+
+
+def test_an_eval_that_stops_on_bad_files_keeps_the_steps_checkpoint(
+    bad_folder, tmp_path):
+  root = tmp_path / 'data'
+  shutil.copytree(bad_folder, root)
+  for name in ('empty_a.png', 'empty_b.png'):   # test: 3 of 9 unreadable.
+    (root / 'test' / 'class_0' / name).write_bytes(b'')
+  config = train_worker.tiny_config(f'folder:{root}')
+  config.input.max_bad_images = 0.2   # train's 5 of 29 pass, test's do not.
+  workdir = tmp_path / 'run'
+  with pytest.raises(input_pipeline.BadDataError,
+                     match=r'2 of the 9 files of .*test \(22.22%\)'):
+    train.train_and_evaluate(config, str(workdir))
+  # The step was saved before its evaluation: a resume starts there.
+  assert os.listdir(workdir / 'checkpoints') == ['2']

@@ -201,14 +201,16 @@ def train_and_evaluate(config: Any, workdir: str,
         writer.write(step, {k: float(v) for k, v in jax.device_get(
             train_metrics).items()} | {'steps_per_sec': rate}, 'train')
         timer_start, timer_step = time.time(), step
+      # Saved before the evaluation: an evaluation that stops (an image
+      # that does not read) must not cost the step's state.
+      if save:
+        ckpt.save(step, state)
       if evaluate_now:
         eval_metrics = evaluate(
             predict_step, {'params': state['params'],
                            'batch_stats': state['batch_stats']},
             eval_examples, config, eval_ann, data_sharding)
         writer.write(step, eval_metrics, 'eval')
-      if save:
-        ckpt.save(step, state)
       if step == stop_at_step:
         break
   finally:
