@@ -140,7 +140,7 @@ def _finite_leaves(tree: Any) -> Any:
 def nonfinite_leaves(tree: Any) -> List[str]:
   """Paths (`a/b/c`) of the leaves of `tree` holding an inf or a NaN."""
   flags = jax.device_get(_finite_leaves(tree))
-  return ['/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+  return [_path_name(path)
           for path, ok in jax.tree_util.tree_flatten_with_path(flags)[0]
           if not ok]
 
@@ -151,6 +151,23 @@ def _describe(error: Exception) -> str:
     text = text[:300] + '...'
   return f'{type(error).__name__}: {text}' if not isinstance(
       error, DamagedCheckpointError) else text
+
+
+def _check_finite(tree: Any) -> None:
+  """Raises `DamagedCheckpointError` naming the leaves that are not finite."""
+  bad = nonfinite_leaves(tree)
+  if bad:
+    raise DamagedCheckpointError(
+        f'non-finite values in {", ".join(bad[:3])}'
+        + (f' and {len(bad) - 3} more' if len(bad) > 3 else ''))
+
+
+def _tree_metadata(state_dir: str) -> Any:
+  """The saved tree's metadata (shapes, dtypes) of a step's `state/`."""
+  metadata = ocp.PyTreeCheckpointer().metadata(state_dir)
+  # orbax's step metadata wraps the tree in newer versions.
+  metadata = getattr(metadata, 'item_metadata', metadata)
+  return getattr(metadata, 'tree', metadata)
 
 
 class Checkpoints:
@@ -235,10 +252,8 @@ class Checkpoints:
     model; unreadable metadata is left to the restore, which reports it.
     """
     try:
-      metadata = ocp.PyTreeCheckpointer().metadata(
-          os.path.join(self.directory, str(step), 'state'))
-      metadata = getattr(metadata, 'item_metadata', metadata)
-      saved = getattr(metadata, 'tree', metadata)['params']
+      saved = _tree_metadata(
+          os.path.join(self.directory, str(step), 'state'))['params']
     except Exception:  # pylint: disable=broad-except
       return
     problem = misfit(saved, target['params'])
@@ -266,11 +281,7 @@ class Checkpoints:
       raise DamagedCheckpointError(
           f'holds step {int(state["step"])} and data position '
           f'{data_position}, not {step}')
-    bad = nonfinite_leaves(state)
-    if bad:
-      raise DamagedCheckpointError(
-          f'non-finite values in {", ".join(bad[:3])}'
-          + (f' and {len(bad) - 3} more' if len(bad) > 3 else ''))
+    _check_finite(state)
     if not verified:
       logging.warning('Checkpoint %d has no %s (saved before checksums, or '
                       'stopped between its save and its sums): it restores '
@@ -375,23 +386,15 @@ def _read_step(directory: str, step: int) -> Any:
   folder = os.path.join(directory, str(step))
   verified = verify_checksums(folder)
   try:
-    checkpointer = ocp.PyTreeCheckpointer()
     path = os.path.join(folder, 'state')
-    metadata = checkpointer.metadata(path)
-    # orbax's step metadata wraps the tree in newer versions.
-    metadata = getattr(metadata, 'item_metadata', metadata)
-    metadata = getattr(metadata, 'tree', metadata)
-    tree = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+    metadata = _tree_metadata(path)
+    tree = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
         restore_args=jax.tree.map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)))
   except Exception as e:  # pylint: disable=broad-except
     raise DamagedCheckpointError(
         f'orbax cannot restore it ({_describe(e)})') from e
-  bad = nonfinite_leaves(tree)
-  if bad:
-    raise DamagedCheckpointError(
-        f'non-finite values in {", ".join(bad[:3])}'
-        + (f' and {len(bad) - 3} more' if len(bad) > 3 else ''))
+  _check_finite(tree)
   if not verified:
     logging.warning('%s has no %s: it restores and its values are finite, '
                     'so it is used unverified.', folder, CHECKSUMS)

@@ -24,10 +24,8 @@ are sharded over all devices as in training, padded examples masked out.
 import argparse
 import math
 import os
-import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
 
-import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh

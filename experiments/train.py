@@ -18,7 +18,6 @@ lives in the config (`configs/common.py`).
 """
 
 import functools
-import importlib.util
 import logging as std_logging
 import os
 import sys

@@ -35,7 +35,8 @@ import itertools
 import json
 import operator
 import os
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import (Any, Dict, Iterator, List, Optional, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 from PIL import Image
@@ -220,6 +221,17 @@ def _repeats(values: Sequence[Any], array: Optional[np.ndarray]) -> bool:
   return bool((ordered[1:] == ordered[:-1]).any())
 
 
+def _duplicates(values: Sequence[Any]) -> Iterator[Tuple[int, int]]:
+  """`(first, j)` for each int `values[j]` that `values[first]` already had."""
+  first: Dict[int, int] = {}
+  for j, value in enumerate(values):
+    if _is_int(value):
+      if value in first:
+        yield first[value], j
+      else:
+        first[value] = j
+
+
 def _id_range(ids: Sequence[int]) -> str:
   ids = sorted(set(ids))
   if not ids:
@@ -361,16 +373,10 @@ def _check_images(images: Optional[List[Any]], problems: _Problems
       problems.add(f'{name(j)} has {key} {_show(sizes[j])}, expected a '
                    'positive int')
   if _repeats(ids, array):
-    first: Dict[int, Any] = {}
-    for j, i in enumerate(ids):
-      if not _is_int(i):
-        continue
-      if i in first:
-        problems.add(f'image id {i} is shared by file_names '
-                     f'{_show(first[i])} and {_show(names[j])}, expected '
-                     'unique ids')
-      else:
-        first[i] = names[j]
+    for f, j in _duplicates(ids):
+      problems.add(f'image id {ids[j]} is shared by file_names '
+                   f'{_show(names[f])} and {_show(names[j])}, expected '
+                   'unique ids')
   return array if len(rows) == len(images) else None
 
 
@@ -428,15 +434,10 @@ def _check_annotations(annotations: Optional[List[Any]],
     wrong(j, 'id', ids[j], 'an int' + (' within int64' if _is_int(ids[j])
                                       else ''))
   if _repeats(ids, id_array):
-    first: Dict[int, int] = {}
-    for j, i in enumerate(ids):
-      if not _is_int(i):
-        continue
-      if i in first:
-        problems.add(f'annotation id {i} is shared by annotations[{first[i]}]'
-                     f' and annotations[{rows[j]}], expected unique ids')
-      else:
-        first[i] = rows[j]
+    for f, j in _duplicates(ids):
+      problems.add(f'annotation id {ids[j]} is shared by annotations'
+                   f'[{rows[f]}] and annotations[{rows[j]}], expected unique '
+                   'ids')
   owner_array, bad = _ints(owners, *_INT64)
   for j in bad:
     wrong(j, 'image_id', owners[j], 'an int')
