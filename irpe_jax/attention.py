@@ -4,14 +4,39 @@
 `rpe_vision_transformer.py`) on per-head arrays, framework-free: the Linen
 and NNX `IRPEAttention` modules both call it with their projections, iRPE
 modules, dropout and a hook that records the attention weights.
+
+Two implementations compute it (`attention_impl`):
+
+- 'materialized': the release's computation, with the `(B, H, L, L)`
+  logits, encodings and weights formed (and kept by autodiff).
+- 'blockwise': flash attention in blocks with the iRPE terms computed
+  inside each block (`irpe_jax.blockwise`): `O(L)` memory per head.
+- 'auto': 'blockwise' from `AUTO_BLOCKWISE_MIN_LENGTH` tokens on, else
+  'materialized' (see `resolve_attention_impl`).
 """
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from irpe_jax import _checks
+from irpe_jax import blockwise
+from irpe_jax import ops
+
+ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise')
+# Where 'auto' switches to blockwise attention, in tokens, per platform
+# (`jax.default_backend()` when the call is traced). On CPU, measured by
+# `python -m experiments.bench_flash` (iRPE-K and iRPE-QKV, B = 1, H = 8,
+# D = 32, forward+backward): blockwise is slower below this length and
+# faster from it on, and DeiT-S (L = 197) stays materialised, as fast as
+# before. On GPU and TPU, reasoned until measured: the materialised path
+# runs as a few large fused XLA ops, fast while its (B, H, L, L) arrays
+# fit, and a loop of small blocks there pays a kernel launch per block;
+# from 4096 tokens one (B, H, L, L) float32 array is 64 MiB per head and
+# image, and memory, not speed, is what limits a model.
+AUTO_BLOCKWISE_MIN_LENGTH: Mapping[str, int] = {'cpu': 1024}
+AUTO_BLOCKWISE_MIN_LENGTH_DEFAULT = 4096
 
 # `(x, height, width) -> encoding`, as the IRPE modules are called; rpe_q is
 # also passed `x_tokens_last=True` and `scale` (see `attention_with_rpe`).
@@ -48,6 +73,34 @@ def check_mask(mask: Optional[jax.Array], batch: int, num_heads: int,
                      f'mask[:, None, None, :].')
 
 
+def resolve_attention_impl(attention_impl: str, length: int,
+                           platform: Optional[str] = None) -> str:
+  """'materialized' or 'blockwise': what `attention_impl` runs for `length`.
+
+  Args:
+    attention_impl: one of `ATTENTION_IMPLS`.
+    length: `L`, the number of keys.
+    platform: 'cpu', 'gpu', 'tpu', ...; default `jax.default_backend()`.
+      'auto' is decided when the call is traced: a function exported for
+      another platform keeps the choice of the tracing one, so pass an
+      explicit impl there.
+
+  Returns:
+    `attention_impl` itself, or for 'auto' 'blockwise' from
+    `AUTO_BLOCKWISE_MIN_LENGTH[platform]` tokens on (default
+    `AUTO_BLOCKWISE_MIN_LENGTH_DEFAULT`), else 'materialized'.
+  """
+  if attention_impl not in ATTENTION_IMPLS:
+    raise ValueError(f'Unknown attention_impl {attention_impl!r}; expected '
+                     f'one of {ATTENTION_IMPLS}.')
+  if attention_impl != 'auto':
+    return attention_impl
+  platform = jax.default_backend() if platform is None else platform
+  threshold = AUTO_BLOCKWISE_MIN_LENGTH.get(
+      platform, AUTO_BLOCKWISE_MIN_LENGTH_DEFAULT)
+  return 'blockwise' if length >= threshold else 'materialized'
+
+
 def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        scale: float,
                        rpe_q: Optional[RPEFn] = None,
@@ -57,14 +110,19 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
                        dropout: Optional[Callable[[jax.Array], jax.Array]] = None,
                        height: Optional[int] = None,
                        width: Optional[int] = None,
-                       weights_hook: Optional[Callable[[jax.Array], None]] = None
+                       weights_hook: Optional[Callable[[jax.Array], None]] = None,
+                       attention_impl: str = 'auto',
+                       block_q: Optional[int] = None,
+                       block_k: Optional[int] = None,
+                       dropout_rate: float = 0.0,
+                       dropout_rng: Optional[jax.Array] = None
                        ) -> jax.Array:
   """The release's RPEAttention core on per-head arrays.
 
   Args:
-    q: `(B, H, L, D)` queries, unscaled.
-    k: `(B, H, L, D)` keys.
-    v: `(B, H, L, D)` values.
+    q: `(B, H, Lq, D)` queries, unscaled.
+    k: `(B, H, Lk, D)` keys (`Lk = Lq` with iRPE).
+    v: `(B, H, Lk, D)` values.
     scale: query scale, usually `D ** -0.5`.
     rpe_q: encoding of the scaled keys, added transposed to the logits;
       called as `rpe_q(k, height, width, x_tokens_last=True, scale=scale)`
@@ -73,19 +131,57 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
       over `(B, H, L, L)`.
     rpe_k: encoding of queries, added to the logits.
     rpe_v: encoding of the attention weights, added to the output.
-    mask: boolean, broadcastable to `(B, H, L, L)`, True = attend; applied
+    mask: boolean, broadcastable to `(B, H, Lq, Lk)`, True = attend; applied
       after the iRPE terms. Masked logits become the lowest float32, so a
       query whose every key is masked attends uniformly to all keys (the
       release's `-inf` gives NaN there).
-    dropout: applied to the attention weights.
+    dropout: applied to the attention weights ('materialized' only).
     height: rows of the token grid (static).
     width: columns of the token grid (static).
     weights_hook: called with the `(B, H, L, L)` attention weights before
-      dropout (for example to `sow` them for visualisation).
+      dropout (for example to `sow` them for visualisation); only the
+      materialised path forms them, 'blockwise' does not call it.
+    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+      `resolve_attention_impl`). 'blockwise' needs the rpe modules of this
+      library (it calls them with `as_term=True` for their tables and
+      geometries instead of their encodings), and takes dropout as
+      `dropout_rate` and `dropout_rng` rather than a `dropout` function;
+      'auto' stays materialised where either is missing.
+    block_q: queries per block of 'blockwise' (default
+      `blockwise.DEFAULT_BLOCK_Q`).
+    block_k: keys per block of 'blockwise' (default
+      `blockwise.DEFAULT_BLOCK_K`).
+    dropout_rate: attention dropout of 'blockwise', with `dropout_rng`.
+    dropout_rng: PRNG key of the blockwise dropout; each block's mask is
+      drawn from it, the block's indices folded in.
 
   Returns:
-    `(B, H, L, D)` attention output, before the heads are merged.
+    `(B, H, Lq, D)` attention output, before the heads are merged.
   """
+  rpes = {'rpe_q': rpe_q, 'rpe_k': rpe_k, 'rpe_v': rpe_v}
+  impl = resolve_attention_impl(attention_impl, k.shape[2])
+  if attention_impl == 'auto' and impl == 'blockwise' and (
+      (dropout is not None and not dropout_rate)
+      or not all(fn is None or getattr(fn, 'returns_terms', False)
+                 for fn in rpes.values())):
+    impl = 'materialized'
+  if impl == 'blockwise':
+    if dropout is not None and not dropout_rate:
+      raise TypeError("attention_impl='blockwise' cannot apply a dropout "
+                      'function to weights it never forms; pass '
+                      'dropout_rate= and dropout_rng= instead.')
+    return _blockwise(q, k, v, scale=scale, rpes=rpes, mask=mask,
+                      height=height, width=width, block_q=block_q,
+                      block_k=block_k, dropout_rate=dropout_rate,
+                      dropout_rng=dropout_rng)
+  return _materialized(q, k, v, scale=scale, mask=mask, dropout=dropout,
+                       height=height, width=width, weights_hook=weights_hook,
+                       **rpes)
+
+
+def _materialized(q, k, v, *, scale, rpe_q, rpe_k, rpe_v, mask, dropout,
+                  height, width, weights_hook):
+  """`attention_with_rpe` with the `(B, H, L, L)` arrays formed."""
   dtype = q.dtype
   q = _row_major(q * jnp.asarray(scale, dtype))
   if rpe_q is not None:
@@ -115,6 +211,43 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
   out = jnp.einsum('bhij,bhjd->bhid', weights, v)
   if rpe_v is not None:
     out = out + rpe_v(weights, height, width)
+  return out
+
+
+def _terms(name: str, rpe: RPEFn, x: jax.Array, height, width, **kwargs
+           ) -> Sequence:
+  """The `core.RPETerm`s of one rpe module (two for 'cross')."""
+  if not getattr(rpe, 'returns_terms', False):
+    raise TypeError(f"attention_impl='blockwise' needs {name} to be an "
+                    f'irpe_jax IRPE or IRPECross module (Linen or NNX), '
+                    f'which returns its tables for the blocks; got '
+                    f'{type(rpe).__name__}.')
+  return rpe(x, height, width, as_term=True, **kwargs)
+
+
+def _blockwise(q, k, v, *, scale, rpes, mask, height, width, block_q,
+               block_k, dropout_rate, dropout_rng):
+  """`attention_with_rpe` by `blockwise.blockwise_attention`."""
+  dtype = q.dtype
+  q = q * jnp.asarray(scale, dtype)
+  logit_terms = []
+  if rpes['rpe_k'] is not None:
+    logit_terms += [blockwise.LogitTerm(t.values, t.geometry, False)
+                    for t in _terms('rpe_k', rpes['rpe_k'], q, height, width)]
+  if rpes['rpe_q'] is not None:
+    logit_terms += [blockwise.LogitTerm(t.values, t.geometry, True)
+                    for t in _terms('rpe_q', rpes['rpe_q'], k, height, width,
+                                    scale=scale)]
+  value_terms = ()
+  if rpes['rpe_v'] is not None:
+    value_terms = _terms('rpe_v', rpes['rpe_v'], v, height, width)
+  out, sums = blockwise.blockwise_attention(
+      q, k, v, logit_terms=logit_terms,
+      value_geometries=[t.geometry for t in value_terms], mask=mask,
+      dropout_rate=dropout_rate, dropout_rng=dropout_rng, block_q=block_q,
+      block_k=block_k)
+  for s, term in zip(sums, value_terms):
+    out = out + ops.head_matmul(s.astype(dtype), term.values)
   return out
 
 

@@ -302,6 +302,15 @@ class BucketGeometry:
           self._built['ids'] = ids
     return ids
 
+  @property
+  def offset_ids(self) -> np.ndarray:
+    """`(2h - 1, 2w - 1)` read-only int32 bucket of each spatial offset.
+
+    `offset_ids[dr + h - 1, dc + w - 1]` is the bucket of every spatial pair
+    at offset `(dr, dc)`; what blockwise attention reads a block's ids from.
+    """
+    return self._offset_ids
+
   def __hash__(self):
     return hash(self.key)
 

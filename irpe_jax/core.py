@@ -6,7 +6,7 @@ resolved for the token grid of the call.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -156,3 +156,61 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
                        f'expects {table.shape[1]}.')
     return ops.contextual_qk_encoding(x, table, ids, impl, x_tokens_last)
   return ops.contextual_v_encoding(x, table, ids, impl)
+
+
+class RPETerm(NamedTuple):
+  """One iRPE table, ready for blockwise attention (`irpe_jax.blockwise`).
+
+  Attributes:
+    values: contextual q/k, `z = x @ table`, `(B, H, L, nb)`; bias q/k, the
+      `(Ht, nb)` table; contextual v, the `(Ht, nb, D)` table.
+    geometry: the table's bucket geometry for the call's token grid.
+    for_qk: True for a table on q or k, False for one on v.
+  """
+  values: jax.Array
+  geometry: buckets.BucketGeometry
+  for_qk: bool
+
+
+def rpe_term(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
+             method: str, for_qk: bool, mode: Optional[str] = None,
+             height: Optional[int] = None, width: Optional[int] = None,
+             scale: Optional[float] = None) -> RPETerm:
+  """What blockwise attention needs of one table, instead of its encoding.
+
+  Takes the arguments of `rpe_lookup`, with one difference: for a v table
+  `x` is the `(B, H, L, D)` values (their shape and dtype), since blockwise
+  attention never forms the `(B, H, L, L)` weights. The same checks run;
+  the bucket geometry is resolved but its `(L, L)` ids are never built.
+
+  Returns:
+    An `RPETerm`: for contextual q/k the `(B, H, L, nb)` product of
+    `x * scale` and the table (computed here, in x's dtype, the table's
+    gradient accumulated in float32 as `rpe_lookup` does).
+  """
+  if x.ndim != 4:
+    raise ValueError(f'x must have rank 4 (B, H, L, D), got shape '
+                     f'{x.shape}.')
+  num_heads, length = x.shape[1], x.shape[2]
+  if table.shape[0] not in (1, num_heads):
+    raise ValueError(f'The table has {table.shape[0]} heads; the input has '
+                     f'{num_heads} (expected 1 for a shared table or '
+                     f'{num_heads}).')
+  mode = config.mode if mode is None else mode
+  num_buckets = table.shape[-1 if for_qk else 1]
+  geometry = bucket_ids_for(config, method, num_buckets, length, height,
+                            width)
+  if not for_qk:
+    if table.shape[2] != x.shape[3]:
+      raise ValueError(f'head_dim of the values is {x.shape[3]}, the v '
+                       f'table expects {table.shape[2]}.')
+    return RPETerm(table, geometry, False)
+  if mode == 'bias':
+    return RPETerm(table, geometry, True)
+  if table.shape[1] != x.shape[3]:
+    raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '
+                     f'expects {table.shape[1]}.')
+  if scale is not None:
+    table = table * jnp.asarray(scale,
+                                jnp.promote_types(table.dtype, x.dtype))
+  return RPETerm(ops.head_matmul(x, table), geometry, True)

@@ -6,7 +6,7 @@ the framework-free core (`irpe_jax.core`, `irpe_jax.attention`) that the NNX
 modules in `irpe_jax.nnx` share.
 """
 
-from typing import Any, Optional, Tuple
+from typing import Any, ClassVar, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -33,6 +33,8 @@ class _TableModule(nn.Module):
   table_init: Initializer = nn.initializers.zeros_init()
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
+  # `attention_with_rpe` may call it with `as_term=True` (blockwise).
+  returns_terms: ClassVar[bool] = True
 
   def _spec(self, cross: bool) -> tables.TableSpec:
     return tables.resolve_table(
@@ -70,13 +72,22 @@ class IRPE(_TableModule):
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *, x_tokens_last: bool = False,
-               scale: Optional[float] = None) -> jax.Array:
-    """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`."""
+               scale: Optional[float] = None, as_term: bool = False):
+    """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`.
+
+    With `as_term=True`, returns `(core.rpe_term(...),)`, the table and its
+    geometry for blockwise attention, instead of the encoding.
+    """
     spec = self._spec(cross=False)
     table = self.param(spec.param_name, self.table_init, spec.shape,
                        self.param_dtype)
     if self.dtype is not None:
       x = x.astype(self.dtype)
+    if as_term:
+      return (core.rpe_term(
+          x, table, config=self.rpe_config, method=spec.method,
+          for_qk=spec.for_qk, mode=spec.mode, height=height, width=width,
+          scale=scale),)
     return core.rpe_lookup(
         x, table, config=self.rpe_config, method=spec.method,
         for_qk=spec.for_qk, mode=spec.mode, height=height, width=width,
@@ -92,10 +103,10 @@ class IRPECross(_TableModule):
   @nn.compact
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *, x_tokens_last: bool = False,
-               scale: Optional[float] = None) -> jax.Array:
+               scale: Optional[float] = None, as_term: bool = False):
     """Encodes `x` (times `scale`) with both tables; see `IRPE`."""
     spec = self._spec(cross=True)
-    out = 0
+    out = () if as_term else 0
     for name, method in tables.CROSS_HALVES:
       out = out + IRPE(
           head_dim=spec.head_dim, num_heads=spec.num_heads, mode=spec.mode,
@@ -103,7 +114,8 @@ class IRPECross(_TableModule):
           rpe_config=self.rpe_config, impl=self.impl,
           table_init=self.table_init, dtype=self.dtype,
           param_dtype=self.param_dtype, name=name,
-      )(x, height, width, x_tokens_last=x_tokens_last, scale=scale)
+      )(x, height, width, x_tokens_last=x_tokens_last, scale=scale,
+        as_term=as_term)
     return out
 
 
@@ -182,6 +194,11 @@ class IRPEAttention(nn.Module):
     bias_init: initializer of their biases.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
     table_init: initializer of the iRPE tables; zeros as in the release.
+    attention_impl: 'materialized', 'blockwise' or 'auto' (default; see
+      `irpe_jax.attention.resolve_attention_impl`). The blockwise path does
+      not sow the attention weights.
+    block_q: queries per block of the blockwise path (default 128).
+    block_k: keys per block of the blockwise path (default 128).
   """
   num_heads: int
   rpe_config: Optional[config_lib.RPEConfig] = None
@@ -195,6 +212,9 @@ class IRPEAttention(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
   impl: str = 'auto'
   table_init: Initializer = nn.initializers.zeros_init()
+  attention_impl: str = 'auto'
+  block_q: Optional[int] = None
+  block_k: Optional[int] = None
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_k: Optional[jax.Array] = None,
@@ -231,15 +251,23 @@ class IRPEAttention(nn.Module):
     rpes = {name: build_single_rpe(single, for_qk, head_dim, self.num_heads,
                                    name=name, **rpe_kwargs)
             for name, single, for_qk in tables.targets(self.rpe_config)}
-    dropout = None
+    attention_impl = attention_lib.resolve_attention_impl(
+        self.attention_impl, length)
+    dropout = dropout_rng = None
     if self.dropout_rate > 0 and not deterministic:
-      dropout = nn.Dropout(self.dropout_rate, deterministic=False)
+      if attention_impl == 'blockwise':
+        dropout_rng = self.make_rng('dropout')
+      else:
+        dropout = nn.Dropout(self.dropout_rate, deterministic=False)
     out = attention_lib.attention_with_rpe(
         q, k, v, scale=self.qk_scale or head_dim ** -0.5, mask=mask,
         dropout=dropout, height=height, width=width,
         weights_hook=lambda w: self.sow('intermediates', 'attention_weights',
                                         w),
-        **rpes)
+        attention_impl=attention_impl, block_q=self.block_q,
+        block_k=self.block_k,
+        dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
+        dropout_rng=dropout_rng, **rpes)
     out = nn.Dense(features, dtype=self.dtype, param_dtype=self.param_dtype,
                    kernel_init=self.kernel_init, bias_init=self.bias_init,
                    name='proj')(attention_lib.merge_heads(out))

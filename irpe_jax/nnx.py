@@ -64,6 +64,9 @@ class _TableModule(nnx.Module):
     self.rpe_config, self.impl, self.dtype = rpe_config, impl, dtype
     self._init_tables(table_init, param_dtype, rngs)
 
+  # `attention_with_rpe` may call it with `as_term=True` (blockwise).
+  returns_terms = True
+
   @property
   def num_heads(self) -> int:
     return self.spec.num_heads
@@ -82,11 +85,20 @@ class IRPE(_TableModule):
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *, x_tokens_last: bool = False,
-               scale: Optional[float] = None) -> jax.Array:
-    """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`."""
+               scale: Optional[float] = None, as_term: bool = False):
+    """Encodes `x` (times `scale`); see `irpe_jax.core.rpe_lookup`.
+
+    With `as_term=True`, returns `(core.rpe_term(...),)`, the table and its
+    geometry for blockwise attention, instead of the encoding.
+    """
     if self.dtype is not None:
       x = x.astype(self.dtype)
     spec = self.spec
+    if as_term:
+      return (core.rpe_term(
+          x, getattr(self, spec.param_name)[...], config=self.rpe_config,
+          method=spec.method, for_qk=spec.for_qk, mode=spec.mode,
+          height=height, width=width, scale=scale),)
     return core.rpe_lookup(
         x, getattr(self, spec.param_name)[...], config=self.rpe_config,
         method=spec.method, for_qk=spec.for_qk, mode=spec.mode, height=height,
@@ -108,11 +120,13 @@ class IRPECross(_TableModule):
 
   def __call__(self, x: jax.Array, height: Optional[int] = None,
                width: Optional[int] = None, *, x_tokens_last: bool = False,
-               scale: Optional[float] = None) -> jax.Array:
+               scale: Optional[float] = None, as_term: bool = False):
     """Encodes `x` (times `scale`) with both tables; see `IRPE`."""
-    return sum(getattr(self, name)(x, height, width,
-                                   x_tokens_last=x_tokens_last, scale=scale)
-               for name, _ in tables.CROSS_HALVES)
+    parts = [getattr(self, name)(x, height, width,
+                                 x_tokens_last=x_tokens_last, scale=scale,
+                                 as_term=as_term)
+             for name, _ in tables.CROSS_HALVES]
+    return parts[0] + parts[1] if as_term else sum(parts)
 
 
 def build_single_rpe(rpe_config: Optional[config_lib.SingleRPEConfig],
@@ -155,6 +169,17 @@ class QKVProjection(nnx.Module):
                                    self.num_heads, dtype)
 
 
+def _dropout_key(dropout: nnx.Dropout) -> jax.Array:
+  """A fresh key from a Dropout module's stream, as its `__call__` takes."""
+  rngs = dropout.rngs
+  if rngs is None:
+    raise ValueError('deterministic=False with attention dropout needs '
+                     "rngs with a 'dropout' stream.")
+  if isinstance(rngs, nnx.Rngs):
+    return rngs[dropout.rng_collection]()
+  return rngs()
+
+
 class IRPEAttention(nnx.Module):
   """Multi-head self-attention with iRPE; the NNX peer of the Linen one.
 
@@ -172,6 +197,10 @@ class IRPEAttention(nnx.Module):
     bias_init: initializer of their biases.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
     table_init: initializer of the iRPE tables; zeros as in the release.
+    attention_impl: 'materialized', 'blockwise' or 'auto'; see the Linen
+      `IRPEAttention`.
+    block_q: queries per block of the blockwise path (default 128).
+    block_k: keys per block of the blockwise path (default 128).
     rngs: `nnx.Rngs` with a 'params' stream (and 'dropout' for training).
   """
 
@@ -182,8 +211,13 @@ class IRPEAttention(nnx.Module):
                dtype: Optional[Any] = None, param_dtype: Any = jnp.float32,
                kernel_init: Initializer = _lecun_normal,
                bias_init: Initializer = _zeros, impl: str = 'auto',
-               table_init: Initializer = _zeros, *, rngs: nnx.Rngs):
+               table_init: Initializer = _zeros,
+               attention_impl: str = 'auto', block_q: Optional[int] = None,
+               block_k: Optional[int] = None, *, rngs: nnx.Rngs):
     in_features = _checks.check_int('in_features', in_features, 1)
+    attention_lib.resolve_attention_impl(attention_impl, 1)  # Checks it.
+    self.attention_impl = attention_impl
+    self.block_q, self.block_k = block_q, block_k
     num_heads = _checks.check_int('num_heads', num_heads, 1)
     if in_features % num_heads:
       raise ValueError(f'in_features={in_features} is not divisible by '
@@ -217,14 +251,24 @@ class IRPEAttention(nnx.Module):
     batch, length, _ = inputs_q.shape
     attention_lib.check_mask(mask, batch, self.num_heads, length)
     q, k, v = self.qkv(inputs_q, inputs_k, inputs_v)
-    dropout = None
-    if self.attn_dropout.rate > 0 and not deterministic:
-      dropout = lambda w: self.attn_dropout(w, deterministic=False)
+    attention_impl = attention_lib.resolve_attention_impl(
+        self.attention_impl, length)
+    dropout = dropout_rng = None
+    rate = self.attn_dropout.rate
+    if rate > 0 and not deterministic:
+      if attention_impl == 'blockwise':
+        dropout_rng = _dropout_key(self.attn_dropout)
+      else:
+        dropout = lambda w: self.attn_dropout(w, deterministic=False)
     out = attention_lib.attention_with_rpe(
         q, k, v, scale=self.scale, rpe_q=self.rpe_q, rpe_k=self.rpe_k,
         rpe_v=self.rpe_v, mask=mask, dropout=dropout, height=height,
         width=width,
         weights_hook=lambda w: self.sow(nnx.Intermediate, 'attention_weights',
-                                        w, **_SOW_KWARGS))
+                                        w, **_SOW_KWARGS),
+        attention_impl=attention_impl, block_q=self.block_q,
+        block_k=self.block_k,
+        dropout_rate=rate if dropout_rng is not None else 0.0,
+        dropout_rng=dropout_rng)
     out = self.proj(attention_lib.merge_heads(out))
     return self.proj_dropout(out, deterministic=deterministic)

@@ -440,6 +440,17 @@ def _head_matmul(x: jax.Array, table: jax.Array,
   return _head_einsum(x, table)
 
 
+def head_matmul(x: jax.Array, table: jax.Array) -> jax.Array:
+  """`x (B, H, L, K) @ table (Ht, K, N)` per head, in x's dtype.
+
+  The contraction of the contextual lookups (`z = x @ table`, and `s @
+  table` on v), with their custom VJP: the table's gradient is one matmul
+  accumulated in float32 and returned in the table's dtype. Blockwise
+  attention computes its z with it.
+  """
+  return _head_matmul(x, table, custom_vjp=True)
+
+
 def _bias(table, ids, *, impl, x_tokens_last):
   ids = _full_ids(_unpack(ids, table.shape[-1])[0])
   if x_tokens_last:
