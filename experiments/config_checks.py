@@ -63,6 +63,13 @@ def number_in(config: Any, key: str, low: float, high: Optional[float] = None,
     _fail(key, value, f'a number in {bounds}')
 
 
+def attention_impl(config: Any) -> None:
+  """`model.attention_impl`, where set, names an attention impl."""
+  from irpe_jax import attention  # pylint: disable=g-import-not-at-top
+  if 'attention_impl' in config.get('model', {}):
+    one_of(config, 'model.attention_impl', attention.ATTENTION_IMPLS)
+
+
 def one_of(config: Any, key: str, options: Sequence[Any]) -> None:
   value = _get(config, key)
   if value not in options:
@@ -142,6 +149,7 @@ def check_deit_config(config: Any) -> None:
   known_keys(config, common.DESCRIPTIONS, open_sections=('model', 'rpe'))
   section_fields(config, 'model', dataclass_fields(models.VisionTransformer),
                  'irpe_jax.models.VisionTransformer')
+  attention_impl(config)
   section_fields(config, 'rpe',
                  inspect.signature(irpe_jax.get_rpe_config).parameters,
                  'irpe_jax.get_rpe_config')
@@ -199,6 +207,7 @@ def check_detr_config(config: Any) -> None:
   known_keys(config, cli.config_paths(reference), open_sections=('model',))
   section_fields(config, 'model', dataclass_fields(detr.DETR),
                  'irpe_jax.models.DETR')
+  attention_impl(config)
   schedule_keys(config)
   int_at_least(config, 'eval_every_steps', -1)   # -1: never evaluate.
   int_at_least(config, 'num_train_examples', 1)

@@ -500,3 +500,39 @@ def test_sharded_over_batch_and_heads_and_no_recompilation():
   assert got[1][0].sharding.is_equivalent_to(sharding, 4)
   sharded_step(variables, *[a + 1 for a in sharded])
   assert sharded_step._cache_size() == 1
+
+
+def test_deit_block_and_detr_encoder_layer_take_the_blockwise_path():
+  """The models' `attention_impl` field: equal outputs and gradients."""
+  from irpe_jax.models import detr_transformer  # pylint: disable=g-import-not-at-top
+  from irpe_jax.models import vit  # pylint: disable=g-import-not-at-top
+  deit_cfg = irpe_jax.get_rpe_config(ratio=1.9, method='product', mode='ctx',
+                                     shared_head=True, skip=1, rpe_on='qkv')
+  detr_cfg = irpe_jax.parse_rpe_string('rpe-2.0-product-ctx-1-k')
+  x = jax.random.normal(jax.random.key(0), (2, 1 + 3 * 5, 16))
+  src = jax.random.normal(jax.random.key(1), (2, 3 * 5, 16))
+  pos = jax.random.normal(jax.random.key(2), src.shape)
+  padding = jnp.zeros((2, 3, 5), bool).at[1, :, 3:].set(True).reshape(2, -1)
+  init = jax.nn.initializers.normal(1.0)
+
+  def layers(impl):
+    return (vit.Block(num_heads=2, rpe_config=deit_cfg, attention_impl=impl),
+            detr_transformer.EncoderLayer(
+                num_heads=2, dim_feedforward=32, rpe_config=detr_cfg,
+                rpe_table_init=init, attention_impl=impl))
+
+  block, layer = layers('materialized')
+  variables = (block.init(jax.random.key(3), x, 3, 5, True),
+               layer.init(jax.random.key(4), src, pos, padding, 3, 5))
+
+  def loss(impl, variables, x, src):
+    block, layer = layers(impl)
+    y = block.apply(variables[0], x, 3, 5, True)
+    z = layer.apply(variables[1], src, pos, padding, 3, 5)
+    return jnp.sum(jnp.sin(y)) + jnp.sum(jnp.sin(z)), (y, z)
+
+  both = jax.jit(lambda *a: [jax.value_and_grad(
+      functools.partial(loss, impl), argnums=(0, 1, 2), has_aux=True)(*a)
+                             for impl in ('materialized', 'blockwise')])
+  want, got = both(variables, x, src)
+  _assert_trees_close(got, want)

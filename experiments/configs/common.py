@@ -133,6 +133,8 @@ DESCRIPTIONS: Dict[str, str] = {
     'model.mlp_ratio': 'MLP hidden width / embed_dim',
     'model.qkv_bias': 'biases on the q, k, v projections',
     'model.use_abs_pos_embed': 'learnable absolute position embedding',
+    'model.attention_impl': "'materialized', 'blockwise' (flash, O(L) "
+                            "memory) or 'auto' (by length and platform)",
     'rpe': 'irpe_jax.get_rpe_config keywords (None: no iRPE, or the '
            "registered model's)",
     'rpe.ratio': 'iRPE ratio: alpha, beta, gamma = r, 2r, 8r',

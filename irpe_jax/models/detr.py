@@ -217,6 +217,8 @@ class DETR(nn.Module):
     rpe_table_init: 'xavier_uniform' (the release) or 'zeros', or an
       initializer.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
+    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+      `irpe_jax.attention.resolve_attention_impl`).
     remat: rematerialises each transformer layer in the backward pass.
     dtype: computation dtype (softmax stays float32).
     param_dtype: parameter dtype.
@@ -237,6 +239,7 @@ class DETR(nn.Module):
   dilation: bool = False
   rpe_table_init: Any = 'xavier_uniform'
   impl: str = 'auto'
+  attention_impl: str = 'auto'
   remat: bool = False
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
@@ -327,7 +330,8 @@ class DETR(nn.Module):
         num_heads=self.num_heads, enc_layers=self.enc_layers,
         dec_layers=self.dec_layers, dim_feedforward=self.dim_feedforward,
         dropout_rate=self.dropout_rate, rpe_config=rpe_config,
-        rpe_table_init=self._table_init(), impl=self.impl, remat=self.remat,
+        rpe_table_init=self._table_init(), impl=self.impl,
+        attention_impl=self.attention_impl, remat=self.remat,
         dtype=self.dtype, param_dtype=self.param_dtype, name='transformer')(
             src, mask, query_embed.embedding, pos,
             deterministic=deterministic)

@@ -156,6 +156,8 @@ class EncoderLayer(nn.Module):
     rpe_config: iRPE of the self-attention (`skip` 0), or None.
     rpe_table_init: initializer of the iRPE tables.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
+    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+      `irpe_jax.attention.resolve_attention_impl`).
     dtype: computation dtype.
     param_dtype: parameter dtype.
   """
@@ -165,6 +167,7 @@ class EncoderLayer(nn.Module):
   rpe_config: Optional[config_lib.RPEConfig] = None
   rpe_table_init: Initializer = nn.initializers.zeros_init()
   impl: str = 'auto'
+  attention_impl: str = 'auto'
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -182,6 +185,7 @@ class EncoderLayer(nn.Module):
         num_heads=self.num_heads, rpe_config=self.rpe_config,
         dropout_rate=self.dropout_rate, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=_xavier, impl=self.impl,
+        attention_impl=self.attention_impl,
         table_init=self.rpe_table_init, name='self_attn')(
             q, q, src, height=height, width=width, mask=mask,
             deterministic=deterministic)
@@ -254,6 +258,7 @@ class Encoder(_Stack):
   rpe_config: Optional[config_lib.RPEConfig] = None
   rpe_table_init: Initializer = nn.initializers.zeros_init()
   impl: str = 'auto'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, src: jax.Array, pos: jax.Array,
@@ -264,6 +269,7 @@ class Encoder(_Stack):
     for i in range(self.num_layers):
       src = layer(rpe_config=self.rpe_config,
                   rpe_table_init=self.rpe_table_init, impl=self.impl,
+                  attention_impl=self.attention_impl,
                   name=f'layers_{i}', **self._layer_kwargs())(
                       src, pos, key_padding_mask, height, width,
                       deterministic)
@@ -303,6 +309,8 @@ class Transformer(nn.Module):
       tables), or None for DETR's plain encoder.
     rpe_table_init: initializer of the iRPE tables.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
+    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+      `irpe_jax.attention.resolve_attention_impl`).
     remat: rematerialises each layer in the backward pass.
     dtype: computation dtype.
     param_dtype: parameter dtype.
@@ -315,6 +323,7 @@ class Transformer(nn.Module):
   rpe_config: Optional[config_lib.RPEConfig] = None
   rpe_table_init: Initializer = nn.initializers.zeros_init()
   impl: str = 'auto'
+  attention_impl: str = 'auto'
   remat: bool = False
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
@@ -347,6 +356,7 @@ class Transformer(nn.Module):
                  dtype=self.dtype, param_dtype=self.param_dtype)
     memory = Encoder(num_layers=self.enc_layers, rpe_config=self.rpe_config,
                      rpe_table_init=self.rpe_table_init, impl=self.impl,
+                     attention_impl=self.attention_impl,
                      name='encoder', **stack)(
                          src, pos, key_padding_mask, height, width,
                          deterministic)

@@ -195,6 +195,7 @@ class Block(nn.Module):
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   impl: str = 'auto'
+  attention_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, height: int, width: int,
@@ -208,8 +209,9 @@ class Block(nn.Module):
         qkv_bias=self.qkv_bias, dropout_rate=self.attn_drop_rate,
         proj_dropout_rate=self.drop_rate, dtype=self.dtype,
         param_dtype=self.param_dtype, kernel_init=_dense_init,
-        impl=self.impl, name='attn')(norm('norm1')(x), height=height,
-                                     width=width, deterministic=deterministic)
+        impl=self.impl, attention_impl=self.attention_impl, name='attn')(
+            norm('norm1')(x), height=height, width=width,
+            deterministic=deterministic)
     x = x + drop_path(y, deterministic)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.drop_rate, self.dtype,
             self.param_dtype, name='mlp')(norm('norm2')(x), deterministic)
@@ -253,6 +255,8 @@ class VisionTransformer(nn.Module):
       float32.
     param_dtype: parameter dtype.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
+    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+      `irpe_jax.attention.resolve_attention_impl`).
   """
   img_size: Union[int, Tuple[int, int]] = 224
   patch_size: int = 16
@@ -273,6 +277,7 @@ class VisionTransformer(nn.Module):
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
   impl: str = 'auto'
+  attention_impl: str = 'auto'
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -363,6 +368,7 @@ class VisionTransformer(nn.Module):
           attn_drop_rate=self.attn_drop_rate, drop_path_rate=rate,
           rpe_config=rpe_config, dtype=self.dtype,
           param_dtype=self.param_dtype, impl=self.impl,
+          attention_impl=self.attention_impl,
           name=f'blocks_{i}')(x, rows, cols, deterministic)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype,
                      param_dtype=self.param_dtype, name='norm')(x)
