@@ -6,11 +6,16 @@ original PyTorch release. The Linen modules are exported here; their NNX
 peers are in `irpe_jax.nnx`.
 
 Layers, each importing only those before it: `buckets` (bucket ids, numpy)
--> `ops` (lookups on arrays) -> `config`, `core`, `tables`, `attention`
+-> `ops` (lookups on arrays), `blockwise` (flash attention with the iRPE
+terms in its blocks) -> `config`, `core`, `tables`, `attention`
 (framework-free) -> `linen` | `nnx` -> `models` -> `convert`.
 """
 
+from irpe_jax.attention import ATTENTION_IMPLS
 from irpe_jax.attention import attention_with_rpe
+from irpe_jax.attention import resolve_attention_impl
+from irpe_jax.blockwise import blockwise_attention
+from irpe_jax.blockwise import LogitTerm
 from irpe_jax.buckets import BucketGeometry
 from irpe_jax.buckets import clip_index
 from irpe_jax.buckets import get_bucket_geometry
@@ -34,7 +39,9 @@ from irpe_jax.ops import IMPLS
 __version__ = '0.1.0'
 
 __all__ = (
+    'ATTENTION_IMPLS',
     'attention_with_rpe',
+    'blockwise_attention',
     'BucketGeometry',
     'bucket_gather',
     'bucket_scatter',
@@ -48,8 +55,10 @@ __all__ = (
     'IRPE',
     'IRPEAttention',
     'IRPECross',
+    'LogitTerm',
     'parse_rpe_string',
     'piecewise_index',
+    'resolve_attention_impl',
     'RPEConfig',
     'rpe_lookup',
     'SingleRPEConfig',

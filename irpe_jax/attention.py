@@ -26,16 +26,21 @@ from irpe_jax import ops
 
 ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise')
 # Where 'auto' switches to blockwise attention, in tokens, per platform
-# (`jax.default_backend()` when the call is traced). On CPU, measured by
-# `python -m experiments.bench_flash` (iRPE-K and iRPE-QKV, B = 1, H = 8,
-# D = 32, forward+backward): blockwise is slower below this length and
-# faster from it on, and DeiT-S (L = 197) stays materialised, as fast as
-# before. On GPU and TPU, reasoned until measured: the materialised path
-# runs as a few large fused XLA ops, fast while its (B, H, L, L) arrays
-# fit, and a loop of small blocks there pays a kernel launch per block;
-# from 4096 tokens one (B, H, L, L) float32 array is 64 MiB per head and
-# image, and memory, not speed, is what limits a model.
-AUTO_BLOCKWISE_MIN_LENGTH: Mapping[str, int] = {'cpu': 1024}
+# (`jax.default_backend()` when the call is traced). On CPU, measured
+# (`python -m experiments.bench_flash`, B = 1, H = 8, D = 32, forward and
+# backward, 2-core CPU, jax 0.12): blockwise iRPE-QKV takes 2.0x the
+# materialised time at L = 1025, about the same at 2026 and 3026, and 0.6x
+# at 4097 (iRPE-K 1.2x, 1.5x, -, 0.9x), so 'auto' switches where it is
+# measured faster; DeiT-S (L = 197) stays materialised, as fast as before.
+# Below the switch the materialised path's memory still grows as L^2 (one
+# iRPE-QKV attention at L = 2026: 667 MB of temporaries against 29 MB):
+# pass attention_impl='blockwise' where memory, not speed, is the limit.
+# On GPU and TPU, reasoned until measured (part 2 of the work adds fused
+# kernels there): the materialised path runs as a few large fused XLA ops,
+# fast while its (B, H, L, L) arrays fit, and a loop of small blocks pays a
+# launch per block; from 4096 tokens one (B, H, L, L) float32 array is
+# 64 MiB per head and image, and memory is what limits a model.
+AUTO_BLOCKWISE_MIN_LENGTH: Mapping[str, int] = {'cpu': 4096}
 AUTO_BLOCKWISE_MIN_LENGTH_DEFAULT = 4096
 
 # `(x, height, width) -> encoding`, as the IRPE modules are called; rpe_q is

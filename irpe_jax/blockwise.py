@@ -146,11 +146,25 @@ def block_ids(geometry: BucketGeometry, first: jax.Array,
   return jnp.where(s1 & s2, ids, g.num_buckets - 1)
 
 
-def _pair_ids(geometry, transposed, q_tokens, k_tokens):
-  """`(block_q, block_k)` ids of a block; `ids[j, i]` when `transposed`."""
-  if transposed:
-    return block_ids(geometry, k_tokens[None, :], q_tokens[:, None])
-  return block_ids(geometry, q_tokens[:, None], k_tokens[None, :])
+class _PairIds:
+  """The `(block_q, block_k)` ids of a block, per (geometry, transposed).
+
+  `ids(g, False)[i, j] = g.ids[q_i, k_j]`, `ids(g, True)[i, j] =
+  g.ids[k_j, q_i]`; each computed once per block, however many terms
+  share it (rpe_k and rpe_v of one config do).
+  """
+
+  def __init__(self, q_tokens, k_tokens):
+    self._q, self._k, self._cache = q_tokens, k_tokens, {}
+
+  def __call__(self, geometry: BucketGeometry, transposed: bool):
+    key = (geometry, transposed)
+    if key not in self._cache:
+      first, second = self._q[:, None], self._k[None, :]
+      if transposed:
+        first, second = self._k[None, :], self._q[:, None]
+      self._cache[key] = block_ids(geometry, first, second)
+    return self._cache[key]
 
 
 def _segment_sum(a: jax.Array, segments: jax.Array, num_segments: int
@@ -175,7 +189,10 @@ def _segment_sum(a: jax.Array, segments: jax.Array, num_segments: int
               ).astype(jnp.float32)
     return jnp.dot(a, onehot, precision=jax.lax.Precision.HIGHEST)
 
-  return jax.lax.platform_dependent(a, tpu=contract, default=scatter)
+  # Chosen when traced, not by `lax.platform_dependent` (whose two branches
+  # cost a fifth of a CPU compile here): both are right on every platform,
+  # and a function exported elsewhere only runs the other's form.
+  return contract(a) if jax.default_backend() == 'tpu' else scatter(a)
 
 
 def _gather_rows(z: jax.Array, ids: jax.Array, transposed: bool
@@ -242,7 +259,7 @@ def _mask_block(mask, q_start, k_start, plan: _Plan):
 
 def _block_logits(plan: _Plan, q_blk, k_blk, row_z, col_z, biases, mask_blk,
                   q_tokens, k_tokens, k_new):
-  """float32 `(B, H, bq, bk)` logits of a block, masked, and the ids used.
+  """float32 `(B, H, bq, bk)` logits of a block, masked, and its `_PairIds`.
 
   `k_new` marks the keys no earlier block covered; the others get `-inf`.
 
@@ -252,10 +269,10 @@ def _block_logits(plan: _Plan, q_blk, k_blk, row_z, col_z, biases, mask_blk,
   """
   logits = jnp.einsum('bhid,bhjd->bhij', q_blk, k_blk)
   rows, cols, tables = iter(row_z), iter(col_z), iter(biases)
-  encodings, ids_of_terms = [], []
+  pair_ids = _PairIds(q_tokens, k_tokens)
+  encodings = []
   for geometry, transposed, per_token in plan.terms:
-    ids = _pair_ids(geometry, transposed, q_tokens, k_tokens)
-    ids_of_terms.append(ids)
+    ids = pair_ids(geometry, transposed)
     if per_token:
       z = next(cols) if transposed else next(rows)
       encodings.append(_gather_rows(z, ids, transposed))
@@ -269,7 +286,7 @@ def _block_logits(plan: _Plan, q_blk, k_blk, row_z, col_z, biases, mask_blk,
     logits = jnp.where(mask_blk, logits, _F32_MIN)
   if plan.key_length % plan.block_k:
     logits = jnp.where(k_new, logits, -jnp.inf)
-  return logits, ids_of_terms
+  return logits, pair_ids
 
 
 def _split_terms(plan: _Plan, zs):
@@ -306,7 +323,7 @@ def _forward(plan: _Plan, q, k, v, zs, mask, rng):
       m, l, acc, sums = carry
       k_start, k_tokens, k_new = _tokens(kj, bk, lk)
       k_blk, v_blk = _block(k, k_start, bk), _block(v, k_start, bk)
-      logits, _ = _block_logits(
+      logits, pair_ids = _block_logits(
           plan, q_blk, k_blk, row_z, [_block(z, k_start, bk) for z in cols],
           biases, _mask_block(mask, q_start, k_start, plan), q_tokens,
           k_tokens, k_new)
@@ -321,7 +338,7 @@ def _forward(plan: _Plan, q, k, v, zs, mask, rng):
           'bhij,bhjd->bhid', p.astype(v_blk.dtype), v_blk,
           preferred_element_type=jnp.float32)
       sums = [s * rescale[..., None] + _scatter_rows(
-          p, _pair_ids(g, False, q_tokens, k_tokens), g.num_buckets, False)
+          p, pair_ids(g, False), g.num_buckets, False)
               for s, g in zip(sums, plan.value_geometries)]
       return m_new, l, acc, sums
 
@@ -373,7 +390,7 @@ def _backward(plan: _Plan, q, k, v, zs, mask, rng, out, m, l, sums, d_out,
       k_start, k_tokens, k_new = _tokens(kj, bk, lk)
       k_blk, v_blk = _block(k, k_start, bk), _block(v, k_start, bk)
       mask_blk = _mask_block(mask, q_start, k_start, plan)
-      logits, ids_of_terms = _block_logits(
+      logits, pair_ids = _block_logits(
           plan, q_blk, k_blk, row_z, [_block(z, k_start, bk) for z in cols],
           biases, mask_blk, q_tokens, k_tokens, k_new)
       p = jnp.exp(logits - m_blk[..., None]) * inverse_l[..., None]
@@ -381,8 +398,7 @@ def _backward(plan: _Plan, q, k, v, zs, mask, rng, out, m, l, sums, d_out,
       d_p = jnp.einsum('bhid,bhjd->bhij', d_out_blk, v_blk,
                        preferred_element_type=f32)
       for g, ds in zip(plan.value_geometries, d_sum_blk):
-        ids = _pair_ids(g, False, q_tokens, k_tokens)
-        d_p = d_p + _gather_rows(ds, ids, False)
+        d_p = d_p + _gather_rows(ds, pair_ids(g, False), False)
       p_used = p
       if plan.dropout_rate:
         keep = _dropout_keep(plan, rng, qi, kj, p.shape)
@@ -405,9 +421,8 @@ def _backward(plan: _Plan, q, k, v, zs, mask, rng, out, m, l, sums, d_out,
       d_rows_all, d_cols_all, d_biases = (list(d_rows_all), list(d_cols_all),
                                           list(d_biases))
       r = c = b = 0
-      for (geometry, transposed, per_token), ids, z in zip(
-          plan.terms, ids_of_terms, zs):
-        nb = geometry.num_buckets
+      for (geometry, transposed, per_token), z in zip(plan.terms, zs):
+        nb, ids = geometry.num_buckets, pair_ids(geometry, transposed)
         if not per_token:
           d_biases[b] = d_biases[b] + _scatter_bias(d_logits, ids, nb,
                                                     z.shape[0])
