@@ -48,6 +48,9 @@ import numpy as np
 from irpe_jax import _checks
 from irpe_jax.buckets import BucketGeometry
 
+# Measured on CPU (iRPE-QKV, B = 1, H = 8, D = 32, forward+backward): 128
+# beats 64 by 1.1-1.2x and 256 by 1.4-1.8x at L = 1025 and 4097; a block's
+# (B, H, 128, 128) float32 arrays (512 KiB at B * H = 8) stay in cache.
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128
 
