@@ -26,15 +26,17 @@ from irpe_jax import ops
 
 ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise')
 # Where 'auto' switches to blockwise attention, in tokens, per platform
-# (`jax.default_backend()` when the call is traced). On CPU, measured
-# (`python -m experiments.bench_flash`, B = 1, H = 8, D = 32, forward and
-# backward, 2-core CPU, jax 0.12): blockwise iRPE-QKV takes 2.0x the
-# materialised time at L = 1025, about the same at 2026 and 3026, and 0.6x
-# at 4097 (iRPE-K 1.2x, 1.5x, -, 0.9x), so 'auto' switches where it is
-# measured faster; DeiT-S (L = 197) stays materialised, as fast as before.
-# Below the switch the materialised path's memory still grows as L^2 (one
-# iRPE-QKV attention at L = 2026: 667 MB of temporaries against 29 MB):
-# pass attention_impl='blockwise' where memory, not speed, is the limit.
+# (`jax.default_backend()` when the call is traced). On CPU, measured with
+# `python -m experiments.bench_flash` (B = 1, H = 8, D = 32, forward and
+# backward, a shared 2-core CPU, jax 0.12; several runs): blockwise iRPE-QKV
+# takes 1.1-1.8x the materialised time at L = 1025 and 0.73-0.91x at 4097,
+# iRPE-K 1.4-1.6x and 1.06-1.24x; at 16385 only blockwise runs (the
+# materialised path would need over 24 GB). From 4096 tokens 'auto' takes
+# blockwise: QKV is faster there, K within a quarter, and both use 1/20 to
+# 1/50 of the memory (iRPE-K 29 MiB against 1551 MiB of temporaries).
+# DeiT-S (L = 197) stays materialised, as fast as before. Below 4096 the
+# materialised path's memory still grows as L^2: pass
+# attention_impl='blockwise' where memory, not speed, is the limit.
 # On GPU and TPU, reasoned until measured (part 2 of the work adds fused
 # kernels there): the materialised path runs as a few large fused XLA ops,
 # fast while its (B, H, L, L) arrays fit, and a loop of small blocks pays a

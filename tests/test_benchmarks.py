@@ -9,10 +9,12 @@ import re
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import accelerator_check
+from experiments import bench_flash
 from experiments import bench_rpe
 from experiments import bench_train
 
@@ -64,6 +66,58 @@ def test_bench_rpe_quick_runs_every_impl_in_bf16(bench_outputs):
         entry = written['entries'][f'{what}/{impl}/{kind}']
         assert entry['median_ms'] > 0 and entry['compile_s'] > 0
   assert written['worst_relative_difference'] < 0.05  # bf16 rounding only
+
+
+def test_bench_flash_quick_runs_both_parts(tmp_path):
+  path = tmp_path / 'flash.json'
+  assert bench_flash.main(['--quick', '--part', 'all', '--json',
+                           str(path)]) == 0
+  written = json.loads(path.read_text())
+  entries = written['entries']
+  # --quick: iRPE-QKV (q, k and v terms) and plain; DETR with iRPE.
+  assert [(e['label'], e['impl']) for e in entries] == [
+      ('iRPE-QKV', 'materialized'), ('iRPE-QKV', 'blockwise'),
+      ('plain', 'blockwise'), ('plain', 'dot_product'),
+      ('DETR iRPE', 'materialized'), ('DETR iRPE', 'blockwise')]
+  for entry in entries:
+    assert entry['skipped'] is None, entry
+    assert entry['temp_bytes'] > 0 and entry['compile_s'] > 0
+    assert entry['median_ms'] > 0
+  assert {e['length'] for e in entries if e['part'] == 'attention'} == {17}
+  assert {e['length'] for e in entries if e['part'] == 'detr'} == {20}
+  # Blockwise computes what the materialised path does.
+  agree = [n for n in written['notes'] if 'agree' in n]
+  assert len(agree) == 2
+  assert all(float(n.split(' to ')[1].split()[0]) < 1e-4 for n in agree)
+
+
+def test_bench_flash_lengths_and_skips(monkeypatch):
+  assert bench_flash.grid_for(197) == (197, 14)
+  assert bench_flash.grid_for(1024) == (1025, 32)
+  assert bench_flash.grid_for(16384) == (16385, 128)
+  for bad in (['--lengths', '1,x'], ['--attention', 'iRPE-V']):
+    with pytest.raises(SystemExit):
+      bench_flash.parse_args(bad)
+  # Past the budget, a compiled program is not run.
+  entry = bench_flash.Entry('attention', 'x', 'blockwise', 4, '1+1x1', 64)
+  x = jnp.ones((256,))
+  bench_flash.compile_entry(entry, lambda x: x * 2, (x,), budget=1024)
+  assert entry.skipped == 'skipped: would need 0.0 GB'
+  assert entry.compiled is None and entry.io_bytes == 2048
+  # Materialised programs whose (B, H, L, L) arrays alone exceed it are
+  # not even compiled; blockwise ones are.
+  compiled = []
+  monkeypatch.setattr(bench_flash, 'attention_program',
+                      lambda rpe_on, impl, *args: (impl, ()))
+  monkeypatch.setattr(bench_flash, 'compile_entry',
+                      lambda entry, fn, *args: compiled.append(fn))
+  args = bench_flash.parse_args(['--quick', '--lengths', '37',
+                                 '--attention', 'iRPE-K,iRPE-QKV,plain'])
+  entries, notes = bench_flash.run_attention(args, budget=2 * 37 * 37 * 4)
+  assert compiled == ['blockwise'] * 3 and not notes
+  for entry in entries:
+    assert (entry.skipped is None) == (entry.impl == 'blockwise'), entry
+    assert not entry.times_ms
 
 
 def test_accelerator_report_from_bench_outputs(bench_outputs, tmp_path):
