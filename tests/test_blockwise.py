@@ -537,3 +537,14 @@ def test_deit_block_and_detr_encoder_layer_take_the_blockwise_path():
                              for impl in ('materialized', 'blockwise')])
   want, got = both(variables, x, src)
   _assert_trees_close(got, want)
+
+
+def test_nnx_blockwise_dropout_draws_from_the_dropout_stream():
+  cfg, x, side = _qkv_setup()
+  module = irpe_nnx.IRPEAttention(
+      x.shape[-1], 2, cfg, dropout_rate=0.5, attention_impl='blockwise',
+      block_q=8, rngs=nnx.Rngs(0, dropout=1))
+  first = module(x, height=side, width=side, deterministic=False)
+  second = module(x, height=side, width=side, deterministic=False)
+  assert not np.allclose(first, second)  # The stream moved on.
+  assert not np.allclose(first, module(x, height=side, width=side))
