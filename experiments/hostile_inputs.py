@@ -6,7 +6,7 @@ Each case makes its bad input (an image folder with truncated, empty,
 foreign and oversize files; split folders whose classes disagree; COCO
 annotation files with one defect each; wrong config values; damaged,
 mismatched and empty workdirs; impossible token grids), runs the command a
-user would (`python -m experiments.train ...`), and prints what came back:
+user would (`python -m experiments.deit.train ...`), and prints what came back:
 the exit status, the answer (the `error:` line, or the warnings that name
 the skipped files), and whether the run folder the command read is
 unchanged byte for byte. A case passes when its answer holds the words it
@@ -32,10 +32,10 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from experiments import make_digits_folder
+from experiments.deit import make_digits_folder
 from experiments.detr import make_synthetic_coco
 
-DIGITS = 'experiments/configs/digits_folder.py'
+DIGITS = 'experiments/deit/configs/digits_folder.py'
 DETR = 'experiments/detr/configs/synthetic.py:plain'
 # A digits run cut to seconds: 2 steps of a 1-block model.
 SHORT = {'total_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
@@ -165,7 +165,7 @@ def cases(out: pathlib.Path) -> List[Case]:
   make_synthetic_coco.make(str(coco), num_train=8, num_val=4, sides=(64,))
   defects = coco_defects(coco, out / 'coco_defects')
 
-  train = ['-m', 'experiments.train', '--config', DIGITS]
+  train = ['-m', 'experiments.deit.train', '--config', DIGITS]
   run = str(out / 'run')          # trained by the first case, read later.
   result = [
       Case('bad files in train/ and test/', train + [
@@ -196,11 +196,11 @@ def cases(out: pathlib.Path) -> List[Case]:
   short_config = out / 'short_config.py'
   short_config.write_text(SHORT_CONFIG.format(
       digits=str(pathlib.Path(DIGITS).resolve()), short=SHORT))
-  evaluate = ['-m', 'experiments.evaluate', '--config', str(short_config),
+  evaluate = ['-m', 'experiments.deit.evaluate', '--config', str(short_config),
               '--data', f'folder:{digits}', '--checkpoint']
   result += [
       Case('evaluate a 1-block run with the 4-block config', [
-          '-m', 'experiments.evaluate', '--config', DIGITS, '--data',
+          '-m', 'experiments.deit.evaluate', '--config', DIGITS, '--data',
           f'folder:{digits}', '--checkpoint', run], 'lacks', watch=run),
       Case('evaluate a run whose best/ is damaged', evaluate + [
           str(out / 'damaged_run')], 'skipped the damaged best/4', 0,

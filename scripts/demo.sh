@@ -3,4 +3,4 @@
 # digits, prints a table of test accuracy and writes plots (see README).
 # Extra arguments go to the demo, e.g. scripts/demo.sh --outdir /tmp/demo
 source "$(dirname "$0")/env.sh"
-exec "$PY" -m experiments.demo "$@"
+exec "$PY" -m experiments.deit.demo "$@"

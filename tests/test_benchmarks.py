@@ -12,9 +12,9 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import accelerator_check
-from experiments import bench_rpe
-from experiments import bench_train
+from experiments.benchmarks import accelerator_check
+from experiments.benchmarks import bench_rpe
+from experiments.benchmarks import bench_train
 
 
 @pytest.fixture(scope='module')

@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-import irpe_jax
-from experiments.detr import bench_memory
+from experiments.benchmarks import bench_detr_memory as bench_memory
 from experiments.detr import predict
 from experiments.detr import preprocess
+import irpe_jax
 from irpe_jax import convert
 from irpe_jax import models
 from irpe_jax.models import detr

@@ -128,8 +128,8 @@ TFDS_SPLITS = {'train': 'train', 'validation': 'val'}
 @functools.cache
 def _tfds_builder_class() -> type:
   # Made on first use: the folder set (the tests, the demo) needs no tfds.
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  tfds = input_pipeline.import_tfds()
+  from experiments.lib import tfds_import  # pylint: disable=g-import-not-at-top
+  tfds = tfds_import.import_tfds()
 
   class SyntheticCoco(tfds.core.GeneratorBasedBuilder,
                       skip_registration=True):

@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence
 import jax
 import numpy as np
 
-from experiments import cli
 from experiments.detr import preprocess
+from experiments.lib import cli
 from irpe_jax import convert
 from irpe_jax import models
 from irpe_jax.models import detr
