@@ -14,7 +14,6 @@ expects and nothing that a user keeps was touched. Minutes on a 2-core CPU
 (each command starts its own Python and imports jax).
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -29,11 +28,13 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence
 import zlib
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
 from experiments.deit import make_digits_folder
 from experiments.detr import make_synthetic_coco
+from experiments.lib import cli
 
 DIGITS = 'experiments/deit/configs/digits_folder.py'
 DETR = 'experiments/detr/configs/synthetic.py:plain'
@@ -264,13 +265,18 @@ def run_case(case: Case, cwd: str) -> Dict[str, str]:
           ('yes' if unchanged else 'NO'), 'ok': 'ok' if ok else 'FAILED'}
 
 
+COMMAND = cli.Command('python -m experiments.hostile_inputs', __doc__)
+flags.DEFINE_string(
+    'out', '/tmp/irpe_hostile_inputs',
+    'where the bad inputs and runs are made (emptied)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'width', 160, 'characters of each answer printed',
+    flag_values=COMMAND.flags)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default='/tmp/irpe_hostile_inputs',
-                      help='where the bad inputs and runs are made (emptied)')
-  parser.add_argument('--width', type=int, default=160,
-                      help='characters of each answer printed')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   out = pathlib.Path(args.out).resolve()
   shutil.rmtree(out, ignore_errors=True)
   out.mkdir(parents=True)

@@ -25,7 +25,6 @@ The report is a markdown file; every part's output is kept next to it, in
 CPU).
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -36,7 +35,10 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 import xml.etree.ElementTree as ElementTree
 
+from absl import flags
+
 from experiments.benchmarks import bench_train
+from experiments.lib import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PARITY_TESTS = ('tests/test_parity.py', 'tests/test_modules.py',
@@ -143,7 +145,7 @@ def _junit_counts(path: pathlib.Path) -> Optional[Dict[str, int]]:
           'errors': errors, 'skipped': skipped}
 
 
-def run_all(args: argparse.Namespace) -> Dict[str, Any]:
+def run_all(args: Any) -> Dict[str, Any]:
   """Runs every part; returns what the report needs."""
   out = pathlib.Path(args.out).resolve()
   logs = out.with_name(out.name + '.logs')  # made by the Runner
@@ -311,29 +313,38 @@ def write_report(results: Dict[str, Any], path: pathlib.Path) -> str:
   return text
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default='runs/accelerator_report.md',
-                      help='markdown report; part logs go to <out>.logs/')
-  parser.add_argument('--budget', type=float, default=420,
-                      help='seconds for all parts together')
-  parser.add_argument('--part-limit', type=float, default=None,
-                      help='seconds each part may take (default: per part, '
-                      f'{LIMITS})')
-  parser.add_argument('--batch', type=int, default=None,
-                      help='bench_train batch (default: sized to the device)')
-  parser.add_argument('--dtypes', default=','.join(DTYPES),
-                      help='comma-separated, of float32 and bfloat16')
-  parser.add_argument('--models', default=','.join(bench_train.MODEL_KEYS),
-                      help='comma-separated bench_train models')
-  parser.add_argument('--quick', action='store_true',
-                      help='tiny sizes: a smoke run of every part')
-  args = parser.parse_args(argv)
+COMMAND = cli.Command(
+    'python -m experiments.benchmarks.accelerator_check', __doc__)
+flags.DEFINE_string(
+    'out', 'runs/accelerator_report.md',
+    'markdown report; part logs go to <out>.logs/', flag_values=COMMAND.flags)
+flags.DEFINE_float(
+    'budget', 420, 'seconds for all parts together', flag_values=COMMAND.flags)
+flags.DEFINE_float(
+    'part_limit', None,
+    'seconds each part may take (default: per part, '
+    f'{LIMITS})', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'batch', None, 'bench_train batch (default: sized to the device)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'dtypes', ','.join(DTYPES), 'comma-separated, of float32 and bfloat16',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'models', ','.join(bench_train.MODEL_KEYS),
+    'comma-separated bench_train models', flag_values=COMMAND.flags)
+flags.DEFINE_bool(
+    'quick', False, 'tiny sizes: a smoke run of every part',
+    flag_values=COMMAND.flags)
+
+
+def parse_args(argv: Sequence[str]) -> Any:
+  args = COMMAND.namespace(argv)
   args.dtypes = [d for d in args.dtypes.split(',') if d]
   args.models = [m for m in args.models.split(',') if m]
   if set(args.dtypes) - set(DTYPES) or set(args.models) - set(
       bench_train.MODEL_KEYS):
-    parser.error(f'--dtypes of {DTYPES}, --models of '
+    cli.usage_error(f'--dtypes of {DTYPES}, --models of '
                  f'{tuple(bench_train.MODEL_KEYS)}.')
   return args
 

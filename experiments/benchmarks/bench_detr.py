@@ -52,7 +52,6 @@ smallest and largest shape met (`--compile_shapes`), which times the count
 gives the compile time of the epoch.
 """
 
-import argparse
 import collections
 import dataclasses
 import functools
@@ -61,6 +60,7 @@ import os
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -72,6 +72,7 @@ from experiments.benchmarks import bench_detr_memory as bench_memory
 from experiments.detr.configs import coco
 from experiments.detr import data
 from experiments.detr import trainer
+from experiments.lib import cli
 
 TARGET = 1.05
 RPE = 'rpe-2.0-product-ctx-1-k'
@@ -453,45 +454,58 @@ def bench_epoch(sizes: np.ndarray, batch_sizes: Sequence[int], rpe: str,
 # ----------------------------------------------------------------- main --
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--part', default='all',
-                      choices=('all', 'step', 'layer', 'epoch'),
-                      help="'all' is step and epoch; 'layer' times one "
-                      'encoder layer per impl')
-  parser.add_argument('--sizes', default=None,
-                      help='padded HxW sizes of the step part, comma-'
-                      'separated (default 256x256,800x1088; --quick 64x64,'
-                      '64x96)')
-  parser.add_argument('--batch', type=int, default=2,
-                      help='images per timed step (the release trains 2 per '
-                      'GPU)')
-  parser.add_argument('--rounds', type=int, default=None,
-                      help='timed rounds, each model once per round '
-                      '(default 5; --quick 2)')
-  parser.add_argument('--rpe', default=RPE, help="the release's enc_rpe2d")
-  parser.add_argument('--impl', default='auto',
-                      help='iRPE lookup impl (see irpe_jax.ops)')
-  parser.add_argument('--layer_impls', default='factored,onehot,naive',
-                      help="impls of --part layer's iRPE layers")
-  parser.add_argument('--epoch_batches', default='2,16',
-                      help='images per padded batch to count compiles for')
-  parser.add_argument('--coco_annotations', default=None,
-                      help="COCO's instances_train2017.json, for its real "
-                      'image sizes (default: COCO_SIZE_SHARES)')
-  parser.add_argument('--num_images', type=int, default=None,
-                      help='images drawn without --coco_annotations (default '
-                      f'{coco.COCO_TRAIN_IMAGES}; --quick 256)')
-  parser.add_argument('--pad_sides', default=None,
-                      help="comma-separated sides instead of the config's")
-  parser.add_argument('--compile_shapes', default=None,
-                      choices=('ends', 'all', 'none'),
-                      help='padded shapes to time the compile at: smallest '
-                      'and largest met, all, or none (default ends; --quick '
-                      'none)')
-  parser.add_argument('--quick', action='store_true',
-                      help='a tiny DETR at tiny sizes: a smoke run, seconds')
-  args = parser.parse_args(argv)
+COMMAND = cli.Command('python -m experiments.benchmarks.bench_detr', __doc__)
+flags.DEFINE_enum(
+    'part', 'all', ('all', 'step', 'layer', 'epoch'),
+    "'all' is step and epoch; 'layer' times one "
+    'encoder layer per impl', flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'sizes', None,
+    'padded HxW sizes of the step part, comma-'
+    'separated (default 256x256,800x1088; --quick 64x64,'
+    '64x96)', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'batch', 2,
+    'images per timed step (the release trains 2 per '
+    'GPU)', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'rounds', None,
+    'timed rounds, each model once per round '
+    '(default 5; --quick 2)', flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'rpe', RPE, "the release's enc_rpe2d", flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'impl', 'auto', 'iRPE lookup impl (see irpe_jax.ops)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'layer_impls', 'factored,onehot,naive',
+    "impls of --part layer's iRPE layers", flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'epoch_batches', '2,16', 'images per padded batch to count compiles for',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'coco_annotations', None,
+    "COCO's instances_train2017.json, for its real "
+    'image sizes (default: COCO_SIZE_SHARES)', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'num_images', None,
+    'images drawn without --coco_annotations (default '
+    f'{coco.COCO_TRAIN_IMAGES}; --quick 256)', flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'pad_sides', None, "comma-separated sides instead of the config's",
+    flag_values=COMMAND.flags)
+flags.DEFINE_enum(
+    'compile_shapes', None, ('ends', 'all', 'none'),
+    'padded shapes to time the compile at: smallest '
+    'and largest met, all, or none (default ends; --quick '
+    'none)', flag_values=COMMAND.flags)
+flags.DEFINE_bool(
+    'quick', False, 'a tiny DETR at tiny sizes: a smoke run, seconds',
+    flag_values=COMMAND.flags)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> Any:
+  args = COMMAND.namespace(argv)
   args.sizes = [tuple(int(v) for v in s.split('x')) for s in (
       args.sizes or ('64x64,64x96' if args.quick else '256x256,800x1088')
   ).split(',')]

@@ -20,16 +20,17 @@ units of the `(B, H, L, L)` attention weights. Nothing is run: compile only.
   python -m experiments.benchmarks.bench_detr_memory --quick   # tiny shapes, seconds
 """
 
-import argparse
 import re
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lib import cli
 from irpe_jax import config as config_lib
 from irpe_jax.models import detr_transformer
 
@@ -98,18 +99,23 @@ def measure(rpe: str, impl: str, batch: int, height: int, width: int,
   }
 
 
+COMMAND = cli.Command(
+    'python -m experiments.benchmarks.bench_detr_memory', __doc__)
+flags.DEFINE_integer('batch', 2, '', flag_values=COMMAND.flags)
+flags.DEFINE_bool(
+    'quick', False, 'a 10x12 map and small layers: a smoke run',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'variants', ','.join(VARIANTS), f'comma-separated, of {list(VARIANTS)}',
+    flag_values=COMMAND.flags)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=2)
-  parser.add_argument('--quick', action='store_true',
-                      help='a 10x12 map and small layers: a smoke run')
-  parser.add_argument('--variants', default=','.join(VARIANTS),
-                      help=f'comma-separated, of {list(VARIANTS)}')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   variants = args.variants.split(',')
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
-    parser.error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
+    cli.usage_error(f'unknown variants {unknown}; choose from {list(VARIANTS)}')
   grids = QUICK_GRIDS if args.quick else GRIDS
   dims = dict(heads=2, dim=16, dim_feedforward=32) if args.quick else {}
   sizes = dims or '8 heads, 256 features, FFN 2048'

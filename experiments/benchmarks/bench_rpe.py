@@ -30,7 +30,6 @@ measurement (with XLA's temporary memory of each compiled function).
   python -m experiments.benchmarks.bench_rpe --quick    # tiny shapes, seconds
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -42,10 +41,12 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.lib import cli
 from irpe_jax import buckets
 from irpe_jax import config as rpe_config_lib
 from irpe_jax import ops
@@ -103,7 +104,7 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.einsum('bhij,bhjd->bhid', jax.nn.softmax(logits, axis=-1), v)
 
 
-def _make_inputs(args: argparse.Namespace):
+def _make_inputs(args: Any):
   """Random inputs, tables, cotangents and the static bucket geometry.
 
   Features, attention weights and cotangents are in `args.dtype`; the
@@ -132,7 +133,7 @@ def _make_inputs(args: argparse.Namespace):
   return geometry, inputs
 
 
-def _build(args: argparse.Namespace, impls: Sequence[str]) -> Dict[str, Entry]:
+def _build(args: Any, impls: Sequence[str]) -> Dict[str, Entry]:
   """Compiles every timed function; keys are `'{what}/{impl}/{fwd|fb}'`."""
   geometry, x = _make_inputs(args)
   entries = {}
@@ -212,14 +213,14 @@ def _cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def _at_target_shapes(args: argparse.Namespace) -> bool:
+def _at_target_shapes(args: Any) -> bool:
   return (all(getattr(args, name) == value
               for name, value in TARGET_SHAPES.items()) and
           args.dtype == 'float32' and jax.default_backend() == 'cpu')
 
 
 def _report(entries: Dict[str, Entry], impls: Sequence[str],
-            args: argparse.Namespace) -> bool:
+            args: Any) -> bool:
   """Prints the table and the targets; returns whether all targets hold.
 
   Away from `TARGET_SHAPES` the targets are not judged (they hold).
@@ -284,35 +285,43 @@ def _report(entries: Dict[str, Entry], impls: Sequence[str],
   return all(holds for _, _, holds in checks)
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+COMMAND = cli.Command('python -m experiments.benchmarks.bench_rpe', __doc__)
+flags.DEFINE_integer('batch', 32, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('heads', 6, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('height', 14, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('width', 14, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('skip', 1, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('head_dim', 64, '', flag_values=COMMAND.flags)
+flags.DEFINE_float('ratio', 1.9, '', flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'method', 'product',
+    "'euc', 'quant', 'product', 'cross_rows' or "
+    "'cross_cols'", flag_values=COMMAND.flags)
+flags.DEFINE_bool(
+    'unshared', False, 'one table per head instead of a shared one',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'impls', ','.join(ops.IMPLS + (BASELINE,)),
+    'comma-separated impls (and the baseline '
+    f'{BASELINE!r}); naive is always added', flag_values=COMMAND.flags)
+flags.DEFINE_integer('repeats', 15, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('warmup', 2, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('seed', 0, '', flag_values=COMMAND.flags)
+flags.DEFINE_enum(
+    'dtype', 'float32', ('float32', 'bfloat16'),
+    'dtype of the inputs (tables stay float32)', flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'json', None, 'also write the measurements as JSON to PATH',
+    flag_values=COMMAND.flags)
+flags.DEFINE_bool(
+    'quick', False, 'tiny shapes and few repeats (a smoke test)',
+    flag_values=COMMAND.flags)
+
+
+def parse_args(argv: Sequence[str]) -> Any:
   """Command-line flags; `--quick` shrinks every size for a smoke run."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=32)
-  parser.add_argument('--heads', type=int, default=6)
-  parser.add_argument('--height', type=int, default=14)
-  parser.add_argument('--width', type=int, default=14)
-  parser.add_argument('--skip', type=int, default=1)
-  parser.add_argument('--head-dim', type=int, default=64)
-  parser.add_argument('--ratio', type=float, default=1.9)
-  parser.add_argument('--method', default='product',
-                      help="'euc', 'quant', 'product', 'cross_rows' or "
-                      "'cross_cols'")
-  parser.add_argument('--unshared', dest='shared_head', action='store_false',
-                      help='one table per head instead of a shared one')
-  parser.add_argument('--impls', default=','.join(ops.IMPLS + (BASELINE,)),
-                      help='comma-separated impls (and the baseline '
-                      f'{BASELINE!r}); naive is always added')
-  parser.add_argument('--repeats', type=int, default=15)
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'),
-                      help='dtype of the inputs (tables stay float32)')
-  parser.add_argument('--json', default=None, metavar='PATH',
-                      help='also write the measurements as JSON to PATH')
-  parser.add_argument('--quick', action='store_true',
-                      help='tiny shapes and few repeats (a smoke test)')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
+  args.shared_head = not args.unshared
   if args.quick:
     args.batch, args.heads, args.height, args.width = 2, 2, 4, 4
     args.head_dim, args.repeats, args.warmup = 8, 3, 1
@@ -338,7 +347,7 @@ def main(argv: Sequence[str] = ()) -> int:
   return 0 if holds else 1
 
 
-def results_dict(entries: Dict[str, Entry], args: argparse.Namespace,
+def results_dict(entries: Dict[str, Entry], args: Any,
                  worst: float, holds: bool) -> Dict[str, Any]:
   """The measurements as plain data (what `--json` writes)."""
   device = jax.devices()[0]

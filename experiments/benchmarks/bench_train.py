@@ -24,18 +24,19 @@ the whole process, so run one model per process (`--models k`) to read it
 per model, as `scripts/accelerator_check.sh` does.
 """
 
-import argparse
 import functools
 import json
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.deit import steps
+from experiments.lib import cli
 from irpe_jax import models
 
 MODELS = (
@@ -105,32 +106,40 @@ def time_steps(entry: Dict[str, Any], steps_to_time: int) -> float:
   return (time.perf_counter() - start) / steps_to_time
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--steps', type=int, default=1,
-                      help='timed steps per round')
-  parser.add_argument('--rounds', type=int, default=10,
-                      help='rounds; each runs every model once, in shuffled order')
-  parser.add_argument('--impl', default='auto',
-                      help='iRPE lookup impl, or a comma-separated list to '
-                      'compare (see irpe_jax.IMPLS)')
-  parser.add_argument('--dtype', default='float32',
-                      choices=('float32', 'bfloat16'),
-                      help='compute dtype (parameters stay float32)')
-  parser.add_argument('--depth', type=int, default=12,
-                      help='blocks of the models (fewer: a quick smoke run)')
-  parser.add_argument('--models', default=','.join(MODEL_KEYS),
-                      help='comma-separated models to run, of '
-                      f'{sorted(MODEL_KEYS)}; the overheads need plain')
-  parser.add_argument('--json', default=None, metavar='PATH',
-                      help='also write the results as JSON to PATH')
-  args = parser.parse_args(argv)
+COMMAND = cli.Command('python -m experiments.benchmarks.bench_train', __doc__)
+flags.DEFINE_integer('batch', 16, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('image_size', 224, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'steps', 1, 'timed steps per round', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'rounds', 10, 'rounds; each runs every model once, in shuffled order',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'impl', 'auto',
+    'iRPE lookup impl, or a comma-separated list to '
+    'compare (see irpe_jax.IMPLS)', flag_values=COMMAND.flags)
+flags.DEFINE_enum(
+    'dtype', 'float32', ('float32', 'bfloat16'),
+    'compute dtype (parameters stay float32)', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'depth', 12, 'blocks of the models (fewer: a quick smoke run)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'models', ','.join(MODEL_KEYS),
+    'comma-separated models to run, of '
+    f'{sorted(MODEL_KEYS)}; the overheads need plain',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'json', None, 'also write the results as JSON to PATH',
+    flag_values=COMMAND.flags)
+
+
+def parse_args(argv: Sequence[str]) -> Any:
+  args = COMMAND.namespace(argv)
   keys = [k for k in args.models.split(',') if k]
   unknown = sorted(set(keys) - set(MODEL_KEYS))
   if unknown or not keys:
-    parser.error(f'--models: unknown {unknown}; expected some of '
+    cli.usage_error(f'--models: unknown {unknown}; expected some of '
                  f'{sorted(MODEL_KEYS)}.')
   args.labels = [MODEL_KEYS[k] for k in MODEL_KEYS if k in keys]
   return args
@@ -181,7 +190,7 @@ def main(argv: Sequence[str]) -> Dict[str, Dict[str, Any]]:
   return results
 
 
-def _report(entries: Dict[str, Dict[str, Any]], args: argparse.Namespace,
+def _report(entries: Dict[str, Dict[str, Any]], args: Any,
             device_peak: Optional[int]) -> Dict[str, Dict[str, Any]]:
   """Prints the table; returns the results per model label."""
   base_times = (np.array(entries[BASE]['times']) if BASE in entries

@@ -13,7 +13,7 @@ encoding sees only a bag of 16 patches. Four variants, four seeds each:
 The seeds of one variant train together under `jax.vmap` of the
 experiments' training and eval steps (`experiments.deit.steps`), so each variant
 compiles one of each. Prints a table of test accuracy
-(mean, spread over seeds) and writes into `--outdir`:
+(mean, spread over seeds) and writes into `--out`:
 
   results.json          settings, per-seed accuracies, curves and timings;
   learning_curves.png   train loss and test accuracy per epoch;
@@ -31,10 +31,9 @@ compiles one of each. Prints a table of test accuracy
 everything runs, and its accuracies mean nothing.
 
 Usage:
-  python -m experiments.deit.demo [--outdir DIR] [--seeds N] [--epochs N] [--quick]
+  python -m experiments.deit.demo [--out DIR] [--seeds N] [--epochs N] [--quick]
 """
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -43,12 +42,14 @@ import sys
 import time
 from typing import Any, Dict, Sequence, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments.deit import plots
 from experiments.deit import steps
+from experiments.lib import cli
 import irpe_jax
 from irpe_jax import models
 from irpe_jax import viz
@@ -301,20 +302,28 @@ def summarise_ordering(results: Dict[str, Any]) -> str:
           'seeds, not a clear difference):\n  ' + '\n  '.join(parts))
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--outdir', default='irpe_demo',
-                      help='where plots and results.json go')
-  parser.add_argument('--seeds', type=int, default=None,
-                      help='seeds per variant (default 4; 2 with --quick)')
-  parser.add_argument('--epochs', type=int, default=None,
-                      help='training epochs (default 20; 2 with --quick)')
-  parser.add_argument('--variants', default=','.join(VARIANTS),
-                      help='comma-separated subset of ' + ','.join(VARIANTS))
-  parser.add_argument('--quick', action='store_true',
-                      help='smoke run: tiny models and data, for tests '
-                      '(~1 min); its accuracies mean nothing')
-  return parser.parse_args(argv)
+COMMAND = cli.Command('python -m experiments.deit.demo', __doc__)
+flags.DEFINE_string(
+    'out', 'irpe_demo', 'where plots and results.json go',
+    flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'seeds', None, 'seeds per variant (default 4; 2 with --quick)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'epochs', None, 'training epochs (default 20; 2 with --quick)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'variants', ','.join(VARIANTS),
+    'comma-separated subset of ' + ','.join(VARIANTS),
+    flag_values=COMMAND.flags)
+flags.DEFINE_bool(
+    'quick', False,
+    'smoke run: tiny models and data, for tests '
+    '(~1 min); its accuracies mean nothing', flag_values=COMMAND.flags)
+
+
+def parse_args(argv: Sequence[str]) -> Any:
+  return COMMAND.namespace(argv)
 
 
 def main(argv: Sequence[str]) -> Dict[str, Any]:
@@ -329,7 +338,7 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
   if unknown:
     raise SystemExit(f'unknown variants {unknown}; choose from '
                      f'{list(VARIANTS)}')
-  os.makedirs(args.outdir, exist_ok=True)
+  os.makedirs(args.out, exist_ok=True)
   start = time.time()
   data = load_digits()
   if settings.train_subset:
@@ -361,12 +370,12 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
     params = jax.tree.map(lambda x: x[0], results[variant].pop('params'))
     maps[DESCRIPTIONS[variant]] = attention_of(variant, settings, params,
                                                image[None])[:, 0]
-  plots.plot_learning_curves(results, os.path.join(args.outdir,
+  plots.plot_learning_curves(results, os.path.join(args.out,
                                                    'learning_curves.png'))
-  plots.plot_accuracy(results, os.path.join(args.outdir, 'accuracy.png'))
-  viz.plot_attention_maps(os.path.join(args.outdir, 'attention_maps.png'),
+  plots.plot_accuracy(results, os.path.join(args.out, 'accuracy.png'))
+  viz.plot_attention_maps(os.path.join(args.out, 'attention_maps.png'),
                           maps, image, (grid, grid), query)
-  viz.plot_bucket_maps(os.path.join(args.outdir, 'bucket_maps.png'))
+  viz.plot_bucket_maps(os.path.join(args.out, 'bucket_maps.png'))
 
   elapsed = time.time() - start
   table, ordering = format_table(results), summarise_ordering(results)
@@ -375,14 +384,14 @@ def main(argv: Sequence[str]) -> Dict[str, Any]:
              'table': table, 'ordering': ordering, 'seconds': elapsed,
              'backend': jax.default_backend(),
              'device_count': jax.device_count()}
-  with open(os.path.join(args.outdir, 'results.json'), 'w') as f:
+  with open(os.path.join(args.out, 'results.json'), 'w') as f:
     json.dump(summary, f, indent=1)
   print('\nTest accuracy (%) on the held-out digits:\n' + table)
   print('\n' + ordering)
   if settings.smoke:
     print('\n' + SMOKE_NOTE)
   print(f'\nTotal {elapsed:.0f}s. Plots and results.json in '
-        f'{os.path.abspath(args.outdir)}')
+        f'{os.path.abspath(args.out)}')
   return summary
 
 

@@ -16,20 +16,21 @@ and prints, for each panel, the share of attention within one patch of the
 query (the 3x3 neighbourhood) against the share a uniform attention would
 give it. Nothing is downloaded; about 3 minutes of CPU time (2 cores).
 
-  python -m experiments.deit.figure5 [--outdir DIR] [--epochs N]
+  python -m experiments.deit.figure5 [--out DIR] [--epochs N]
 """
 
-import argparse
 import dataclasses
 import os
 import sys
 import time
 from typing import Any, Dict, Optional, Sequence
 
+from absl import flags
 import jax
 import numpy as np
 
 from experiments.deit import demo
+from experiments.lib import cli
 from irpe_jax import viz
 
 SETTINGS = demo.Settings(upscale=2, patch_size=2, embed_dim=48, depth=3,
@@ -54,16 +55,18 @@ def uniform_share(grid: int, radius: int = 1) -> float:
                              radius)
 
 
+COMMAND = cli.Command('python -m experiments.deit.figure5', __doc__)
+flags.DEFINE_string('out', 'irpe_figure5', '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('epochs', SETTINGS.epochs, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'eval_images', 200, 'test images the attention is averaged over',
+    flag_values=COMMAND.flags)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-  parser = argparse.ArgumentParser(prog='python -m experiments.deit.figure5',
-                                   description=__doc__.split('\n')[0])
-  parser.add_argument('--outdir', default='irpe_figure5')
-  parser.add_argument('--epochs', type=int, default=SETTINGS.epochs)
-  parser.add_argument('--eval_images', type=int, default=200,
-                      help='test images the attention is averaged over')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   settings = dataclasses.replace(SETTINGS, epochs=args.epochs)
-  os.makedirs(args.outdir, exist_ok=True)
+  os.makedirs(args.out, exist_ok=True)
   start = time.time()
   data = demo.load_digits(upscale=settings.upscale)
   if settings.train_subset:
@@ -84,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                f'{settings.depth}')
       panels[label] = viz.attention_by_offset(weights[block], (grid, grid))
       shares[label] = neighbourhood_share(panels[label])
-  path = os.path.join(args.outdir, 'figure5.png')
+  path = os.path.join(args.out, 'figure5.png')
   viz.plot_attention_by_offset(
       path, panels, f'Mean attention by offset from the query, {grid}x{grid} '
       f'digits, {len(images)} test images, all queries and heads')

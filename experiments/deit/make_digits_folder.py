@@ -11,13 +11,15 @@ PNG and written as `OUT/SPLIT/CLASS/INDEX.png`, the layout of
 `train/` (1347 images) and `test/` (450 images), classes `0` to `9`.
 """
 
-import argparse
 import os
 import sys
 from typing import Dict, Optional, Sequence
 
+from absl import flags
 import numpy as np
 from PIL import Image
+
+from experiments.lib import cli
 
 
 def write_digits(out: str, size: int = 32, test_fraction: float = 0.25,
@@ -60,18 +62,20 @@ def write_digits(out: str, size: int = 32, test_fraction: float = 0.25,
   return counts
 
 
+COMMAND = cli.Command(
+    'python -m experiments.deit.make_digits_folder', __doc__,
+    positional=(('out', 1),))
+flags.DEFINE_integer(
+    'size', 32, 'image side in pixels, a multiple of 8',
+    flag_values=COMMAND.flags)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.deit.make_digits_folder',
-      description=__doc__.split('\n')[0])
-  parser.add_argument('out', help='folder to write (OUT/train, OUT/test)')
-  parser.add_argument('--size', type=int, default=32,
-                      help='image side in pixels, a multiple of 8')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   try:
     counts = write_digits(args.out, args.size)
   except ValueError as e:
-    parser.error(str(e))
+    cli.usage_error(str(e))
   print(f'Wrote {counts["train"]} train and {counts["test"]} test digits of '
         f'{args.size}x{args.size} to {os.path.abspath(args.out)}/'
         '{train,test}/{0..9}/.')

@@ -16,15 +16,16 @@ random phase, frequency, contrast, background and noise per image: learnable,
 but not from one pixel.
 """
 
-import argparse
 import io
 import math
 import sys
 from typing import Optional, Sequence
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
+from experiments.lib import cli
 from experiments.lib import tfds_import
 
 tfds = tfds_import.import_tfds()
@@ -133,15 +134,17 @@ def prepare(data_dir: str, num_train: int = 2000, num_test: int = 500,
   return builder
 
 
+COMMAND = cli.Command('python -m experiments.deit.make_tfds_dataset', __doc__)
+flags.DEFINE_string(
+    'data_dir', None, 'tfds data directory', flag_values=COMMAND.flags,
+    required=True)
+flags.DEFINE_integer('num_train', 2000, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('num_test', 500, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('seed', 0, '', flag_values=COMMAND.flags)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.deit.make_tfds_dataset',
-      description=__doc__.split('\n')[0])
-  parser.add_argument('--data_dir', required=True, help='tfds data directory')
-  parser.add_argument('--num_train', type=int, default=2000)
-  parser.add_argument('--num_test', type=int, default=500)
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   try:
     builder = prepare(args.data_dir, args.num_train, args.num_test, args.seed)
   except ValueError as e:

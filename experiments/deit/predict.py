@@ -59,7 +59,7 @@ def top_k(logits: np.ndarray, k: int) -> List[List[Tuple[int, float]]]:
 
 
 COMMAND = cli.Command('python -m experiments.deit.predict', __doc__,
-                      positional='IMAGE [IMAGE ...]')
+                      positional=(('images', '+'),))
 FLAGS = COMMAND.flags
 flags.DEFINE_string('model', None, 'Registered name, see '
                     'irpe_jax.models.list_models().', flag_values=FLAGS,

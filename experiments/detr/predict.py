@@ -52,7 +52,7 @@ def detect(model: models.DETR, variables, paths: Sequence[str],
 
 
 COMMAND = cli.Command('python -m experiments.detr.predict', __doc__,
-                      positional='IMAGE [IMAGE ...]')
+                      positional=(('images', '+'),))
 FLAGS = COMMAND.flags
 flags.DEFINE_string('checkpoint', None, ".pth or .npz of the release, or a "
                     'Flax msgpack.', flag_values=FLAGS, required=True)

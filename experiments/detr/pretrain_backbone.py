@@ -15,9 +15,9 @@ as DETR keeps them. The head is dropped; `OUT.msgpack` holds the backbone's
 `config.backbone_init=OUT.msgpack` loads into `experiments.detr.train`.
 """
 
-import argparse
 from typing import Any, Dict, Sequence, Tuple
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -114,14 +114,18 @@ def pretrain(config: Any, num_steps: int, seed: int = 0,
   return backbone, accuracy
 
 
+COMMAND = cli.Command(
+    'python -m experiments.detr.pretrain_backbone', __doc__,
+    positional=(('out', 1),))
+flags.DEFINE_string(
+    'config', 'experiments/detr/configs/synthetic.py', '',
+    flag_values=COMMAND.flags)
+flags.DEFINE_integer('steps', 400, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('seed', 0, '', flag_values=COMMAND.flags)
+
+
 def main(argv: Sequence[str] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('out')
-  parser.add_argument('--config',
-                      default='experiments/detr/configs/synthetic.py')
-  parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   config = cli.load_config(args.config)
   backbone, accuracy = pretrain(config, args.steps, args.seed)
   convert.save_params(args.out, backbone)

@@ -25,7 +25,9 @@ import importlib.util
 import logging as std_logging
 import os
 import sys
-from typing import Any, Callable, Iterator, List, Optional, Sequence
+import types
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Tuple
 
 from absl import flags
 from absl import logging
@@ -72,15 +74,17 @@ class Command:
   Args:
     prog: how the command is run, for `--help`.
     doc: its docstring, printed by `--help` above the flags.
-    positional: what its positional arguments are (e.g. 'IMAGE [IMAGE ...]'),
-      or None for a command that takes none.
+    positional: its positional arguments, `(name, count)` pairs: count 1
+      for one value, '+' for one or more (the last pair only).
     config: give it `--config FILE[:ARG]` (not required) with
-      `--config.KEY=VALUE` overrides, whose keys are checked first.
+      `--config.KEY=VALUE` overrides, whose keys are checked first; the
+      text is the flag's help.
   """
 
-  def __init__(self, prog: str, doc: str, positional: Optional[str] = None,
+  def __init__(self, prog: str, doc: str,
+               positional: Sequence[Tuple[str, Any]] = (),
                config: Optional[str] = None):
-    self.prog, self.doc, self.positional = prog, doc, positional
+    self.prog, self.doc, self.positional = prog, doc, tuple(positional)
     self.flags = flags.FlagValues()
     self._config = config is not None
     if config is not None:
@@ -88,15 +92,17 @@ class Command:
     define_log_level_flag(self.flags)
 
   def usage(self) -> str:
-    args = f' {self.positional}' if self.positional else ''
+    args = ''.join(f' {n.upper()}' + (f' [{n.upper()} ...]' if k == '+'
+                                       else '')
+                   for n, k in self.positional)
     return (f'usage: {self.prog} [flags]{args}\n\n{self.doc.strip()}\n\n'
             f'flags:\n{self.flags.get_help()}')
 
-  def parse(self, argv: Optional[Sequence[str]] = None) -> List[str]:
+  def parse(self, argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Sets the flags from `argv` (`sys.argv[1:]` if None), defaults first.
 
     Returns:
-      The positional arguments.
+      The positional arguments by name (a list for a '+' one).
     """
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if any(a in ('-h', '--help', '--helpfull', '--helpshort') for a in argv):
@@ -114,23 +120,38 @@ class Command:
       if debug_requested(argv):
         raise
       sys.exit(f'error: {one_line(e)}')
-    if rest and not self.positional:
-      sys.exit(f'error: {self.prog} takes no positional arguments, got '
-               f'{rest}.')
-    if self.positional and not rest:
-      sys.exit(f'error: {self.prog} needs {self.positional}.')
-    return rest
+    named = {}
+    for name, count in self.positional:
+      if not rest:
+        sys.exit(f'error: {self.prog} needs {name.upper()}; see --help.')
+      named[name], rest = (rest, []) if count == '+' else (rest[0], rest[1:])
+    if rest:
+      sys.exit(f'error: {self.prog} got arguments it does not take: {rest}; '
+               'see --help.')
+    return named
+
+  def namespace(self, argv: Optional[Sequence[str]] = None
+                ) -> types.SimpleNamespace:
+    """`parse`, then every flag and positional argument as attributes."""
+    named = self.parse(argv)
+    return types.SimpleNamespace(**self.flags.flag_values_dict(), **named)
 
   def run(self, program: Callable[..., Any],
           argv: Optional[Sequence[str]] = None) -> Any:
-    """`program(positional)` with the flags of `argv`, its errors one line.
+    """`program(**positional)` with the flags of `argv`, errors one line.
 
     Logging is configured by `--log_level` first (`configure_logging`).
     """
-    rest = self.parse(argv)
+    named = self.parse(argv)
     configure_logging(self.flags.log_level)
     with one_line_errors(self.flags.log_level == 'debug'):
-      return program(rest) if self.positional else program()
+      return program(**named)
+
+
+def usage_error(message: str) -> None:
+  """Ends a command whose flags do not fit together: `error: ...`, exit 1."""
+  sys.stdout.flush()
+  sys.exit(f'error: {message}')
 
 
 def define_run_flags(config_help: str) -> None:
@@ -377,15 +398,3 @@ def run_with_config(main: Callable[[List[str]], Any],
       return main(argv)
 
   app.run(checked_main, flags_parser=parse)
-
-
-def positive_int(text: str) -> int:
-  """argparse type: an int >= 1."""
-  import argparse  # pylint: disable=g-import-not-at-top
-  try:
-    value = int(text)
-  except ValueError:
-    value = 0
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'{text!r} is not an int >= 1')
-  return value

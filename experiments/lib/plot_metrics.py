@@ -6,15 +6,17 @@ One line per workdir (labelled by its folder name) in three panels: training
 loss, eval top-1 and the learning rate, against the step.
 """
 
-import argparse
 import json
 import os
 import sys
 from typing import Dict, List, Sequence
 
+from absl import flags
 import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+from experiments.lib import cli
 
 PANELS = (('train/loss', 'training loss'), ('eval/top1', 'eval top-1'),
           ('train/lr', 'learning rate'))
@@ -57,11 +59,14 @@ def plot(workdirs: Sequence[str], out: str) -> None:
   plt.close(fig)
 
 
+COMMAND = cli.Command(
+    'python -m experiments.lib.plot_metrics', __doc__,
+    positional=(('workdirs', '+'),))
+flags.DEFINE_string('out', 'curves.png', '', flag_values=COMMAND.flags)
+
+
 def main(argv: Sequence[str]) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('workdirs', nargs='+')
-  parser.add_argument('--out', default='curves.png')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   plot(args.workdirs, args.out)
   print(f'Wrote {os.path.abspath(args.out)}')
 
