@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from experiments.deit import config_checks
@@ -126,16 +125,9 @@ def compiled_steps(model: Any, recipe: steps.Recipe, mesh: Mesh) -> Tuple[
   Cached on its (hashable) arguments, so that several runs in one process
   (tests, sweeps) compile each step once.
   """
-  replicated = NamedSharding(mesh, P())
-  data = NamedSharding(mesh, P('data'))
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, recipe=recipe),
-      donate_argnums=0, in_shardings=(replicated, data),
-      out_shardings=(replicated, replicated))
-  eval_step = jax.jit(functools.partial(steps.eval_step, model=model),
-                      in_shardings=(replicated, data),
-                      out_shardings=replicated)
-  return train_step, eval_step
+  return loop.jit_steps(
+      mesh, functools.partial(steps.train_step, model=model, recipe=recipe),
+      functools.partial(steps.eval_step, model=model))
 
 
 def evaluate(eval_step: Any, params: Any,

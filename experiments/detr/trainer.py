@@ -24,7 +24,6 @@ from absl import logging
 import jax
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from experiments.detr import coco_eval
@@ -58,16 +57,9 @@ def recipe_of(config: Any, steps_per_epoch: int) -> steps.DetrRecipe:
 @functools.lru_cache(maxsize=8)
 def compiled_steps(model: detr.DETR, recipe: steps.DetrRecipe, mesh: Mesh):
   """`(train_step, predict_step)` jitted for `mesh`, cached across runs."""
-  replicated = NamedSharding(mesh, P())
-  batch = NamedSharding(mesh, P('data'))
-  train_step = jax.jit(
-      functools.partial(steps.train_step, model=model, recipe=recipe),
-      donate_argnums=0, in_shardings=(replicated, batch),
-      out_shardings=(replicated, replicated))
-  predict_step = jax.jit(functools.partial(steps.predict_step, model=model),
-                         in_shardings=(replicated, batch),
-                         out_shardings=replicated)
-  return train_step, predict_step
+  return loop.jit_steps(
+      mesh, functools.partial(steps.train_step, model=model, recipe=recipe),
+      functools.partial(steps.predict_step, model=model))
 
 
 def evaluate(predict_step: Any, variables: Any, examples, config: Any,

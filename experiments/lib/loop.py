@@ -2,6 +2,7 @@
 
   initialize_distributed(...)   `jax.distributed.initialize` for pods (once)
   data_mesh()                   all devices of all hosts, one 'data' axis
+  jit_steps(mesh, train, eval)  a project's steps jitted over it
   replicate(tree, sharding)     host values, equal on every process, on devices
   global_batch(local, sharding) this host's rows as one global array
   Schedule                      when to log, evaluate and save
@@ -66,6 +67,21 @@ def data_mesh() -> Mesh:
 def shardings(mesh: Mesh) -> Tuple[NamedSharding, NamedSharding]:
   """`(replicated, batch)`: parameters everywhere, batches split on 'data'."""
   return NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+
+
+def jit_steps(mesh: Mesh, train_step: Callable[..., Any],
+              eval_step: Callable[..., Any]) -> Tuple[Any, Any]:
+  """`(train_step, eval_step)` jitted for `mesh`: the batch split over the
+  devices, everything else replicated; the train step donates its state.
+
+  Both take `(replicated tree, batch)`: the state, or what evaluation reads.
+  """
+  replicated, batch = shardings(mesh)
+  return (jax.jit(train_step, donate_argnums=0,
+                  in_shardings=(replicated, batch),
+                  out_shardings=(replicated, replicated)),
+          jax.jit(eval_step, in_shardings=(replicated, batch),
+                  out_shardings=replicated))
 
 
 def check_divisible(input_config: Any,
