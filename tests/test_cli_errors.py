@@ -132,7 +132,8 @@ def command_results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('cli')
   (tmp / 'empty').mkdir()
   workdir = str(tmp / 'never_made')
-  deit = ['-m', 'experiments.deit.train', '--config', DIGITS, '--workdir', workdir]
+  deit = ['-m', 'experiments.deit.train', '--config', DIGITS, '--workdir',
+          workdir]
   detr = ['-m', 'experiments.detr.train', '--config', DETR, '--workdir',
           workdir]
   commands = {

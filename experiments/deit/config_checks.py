@@ -21,12 +21,14 @@ def check_deit_config(config: Any) -> None:
   from experiments.deit.configs import common  # pylint: disable=g-import-not-at-top
   from irpe_jax import models  # pylint: disable=g-import-not-at-top
 
-  checks.known_keys(config, common.DESCRIPTIONS, open_sections=('model', 'rpe'))
-  checks.section_fields(config, 'model', checks.dataclass_fields(models.VisionTransformer),
-                 'irpe_jax.models.VisionTransformer')
+  checks.known_keys(config, common.DESCRIPTIONS,
+                    open_sections=('model', 'rpe'))
+  checks.section_fields(config, 'model',
+                        checks.dataclass_fields(models.VisionTransformer),
+                        'irpe_jax.models.VisionTransformer')
   checks.section_fields(config, 'rpe',
-                 inspect.signature(irpe_jax.get_rpe_config).parameters,
-                 'irpe_jax.get_rpe_config')
+                        inspect.signature(irpe_jax.get_rpe_config).parameters,
+                        'irpe_jax.get_rpe_config')
   checks.schedule_keys(config)
   checks.int_at_least(config, 'eval_every_steps', 0)
   checks.int_at_least(config, 'num_classes', 1, optional=True)
@@ -60,8 +62,8 @@ def check_deit_config(config: Any) -> None:
       config.model_name not in models.list_models()):
     guess = cli.nearest(config.model_name, models.list_models())
     checks.fail('model_name', config.model_name, 'a name of '
-          'irpe_jax.models.list_models()' + (f' such as {guess!r}' if guess
-                                              else ''))
+                'irpe_jax.models.list_models()' + (
+                    f' such as {guess!r}' if guess else ''))
   if config.rpe:
     try:
       irpe_jax.get_rpe_config(**config.rpe)

@@ -167,7 +167,8 @@ flags.DEFINE_integer('batch_size', None, "Global batch (default: the "
 flags.DEFINE_integer('num_threads', 8, 'Image decoding threads.',
                      lower_bound=1, flag_values=FLAGS)
 flags.register_multi_flags_validator(
-    ['model', 'config'], lambda v: (v['model'] is None) != (v['config'] is None),
+    ['model', 'config'],
+    lambda v: (v['model'] is None) != (v['config'] is None),
     'give one of --model and --config.', flag_values=FLAGS)
 
 

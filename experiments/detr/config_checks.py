@@ -19,9 +19,10 @@ def check_detr_config(config: Any) -> None:
   from irpe_jax.models import detr  # pylint: disable=g-import-not-at-top
 
   reference = coco.get_config('plain')
-  checks.known_keys(config, cli.config_paths(reference), open_sections=('model',))
+  checks.known_keys(config, cli.config_paths(reference),
+                    open_sections=('model',))
   checks.section_fields(config, 'model', checks.dataclass_fields(detr.DETR),
-                 'irpe_jax.models.DETR')
+                        'irpe_jax.models.DETR')
   checks.schedule_keys(config)
   checks.int_at_least(config, 'eval_every_steps', -1)   # -1: never evaluate.
   checks.int_at_least(config, 'num_train_examples', 1)

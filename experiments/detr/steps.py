@@ -1,7 +1,7 @@
-"""DETR's training and prediction steps, on the state of `experiments.lib.train_state`.
+"""DETR's training and prediction steps, on the state every project keeps.
 
-The state is the DeiT one (`step`, `params`, `opt_state`, `rng`,
-`nonfinite_steps`; see `experiments.lib.train_state`) plus `batch_stats`, the frozen
+The state is `experiments.lib.train_state`'s (`step`, `params`,
+`opt_state`, `rng`, `nonfinite_steps`) plus `batch_stats`, the frozen
 batch norm of the backbone, so that `experiments.lib.checkpoints` saves and
 verifies it unchanged. A `DetrRecipe` is the release's optimiser: AdamW,
 the backbone at its own learning rate with its stem and `layer1` frozen,

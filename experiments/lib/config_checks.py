@@ -50,7 +50,7 @@ def int_at_least(config: Any, key: str, minimum: int,
     return
   if not is_int(value) or value < minimum:
     fail(key, value, f'an int >= {minimum}' + (' or None' if optional
-                                                  else ''))
+                                                 else ''))
 
 
 def number_in(config: Any, key: str, low: float, high: Optional[float] = None,
