@@ -106,12 +106,16 @@ def test_quick_bench_runs(capsys):
   overhead = out['step']['64x96']
   assert np.isfinite(overhead['paired_ratio']) and overhead['paired_ratio'] > 0
   assert 'vs plain, paired median' in printed and 'compiles' in printed
-  # What it reports is the replay of 64 COCO-like sizes at 2 per batch.
+  # What it reports is the replay of 64 COCO-like sizes at 2 per batch,
+  # batched by orientation as the loop does, and without for comparison.
   config = bench.config_of(bench.RPE, 'auto', quick=True)
-  expected = bench.count_shapes(bench.coco_sizes(64), 2, config,
-                                config.input.pad_sides)
-  assert out['epoch']['counts'][2]['shapes'] == expected['shapes']
-  assert len(expected['shapes']) == 12 and expected['batches'] == 32
+  for grouped, counts, shapes, batches in ((True, 'counts', 10, 31),
+                                           (False, 'ungrouped', 13, 32)):
+    expected = bench.count_shapes(bench.coco_sizes(64), 2, config,
+                                  config.input.pad_sides, grouped)
+    assert out['epoch'][counts][2]['shapes'] == expected['shapes']
+    assert len(expected['shapes']) == shapes
+    assert expected['batches'] == batches
 
 
 def test_quick_layer_part_runs():
