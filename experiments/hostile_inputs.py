@@ -6,7 +6,7 @@ Each case makes its bad input (an image folder with truncated, empty,
 foreign and oversize files; split folders whose classes disagree; COCO
 annotation files with one defect each; wrong config values; damaged,
 mismatched and empty workdirs; impossible token grids), runs the command a
-user would (`python -m experiments.train ...`), and prints what came back:
+user would (`python -m experiments.deit.train ...`), and prints what came back:
 the exit status, the answer (the `error:` line, or the warnings that name
 the skipped files), and whether the run folder the command read is
 unchanged byte for byte. A case passes when its answer holds the words it
@@ -14,7 +14,6 @@ expects and nothing that a user keeps was touched. Minutes on a 2-core CPU
 (each command starts its own Python and imports jax).
 """
 
-import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -29,13 +28,15 @@ import sys
 from typing import Callable, Dict, List, Optional, Sequence
 import zlib
 
+from absl import flags
 import numpy as np
 from PIL import Image
 
-from experiments import make_digits_folder
+from experiments.deit import make_digits_folder
 from experiments.detr import make_synthetic_coco
+from experiments.lib import cli
 
-DIGITS = 'experiments/configs/digits_folder.py'
+DIGITS = 'experiments/deit/configs/digits_folder.py'
 DETR = 'experiments/detr/configs/synthetic.py:plain'
 # A digits run cut to seconds: 2 steps of a 1-block model.
 SHORT = {'total_steps': 2, 'eval_every_steps': 2, 'checkpoint_every_steps': 2,
@@ -165,7 +166,7 @@ def cases(out: pathlib.Path) -> List[Case]:
   make_synthetic_coco.make(str(coco), num_train=8, num_val=4, sides=(64,))
   defects = coco_defects(coco, out / 'coco_defects')
 
-  train = ['-m', 'experiments.train', '--config', DIGITS]
+  train = ['-m', 'experiments.deit.train', '--config', DIGITS]
   run = str(out / 'run')          # trained by the first case, read later.
   result = [
       Case('bad files in train/ and test/', train + [
@@ -196,11 +197,11 @@ def cases(out: pathlib.Path) -> List[Case]:
   short_config = out / 'short_config.py'
   short_config.write_text(SHORT_CONFIG.format(
       digits=str(pathlib.Path(DIGITS).resolve()), short=SHORT))
-  evaluate = ['-m', 'experiments.evaluate', '--config', str(short_config),
+  evaluate = ['-m', 'experiments.deit.evaluate', '--config', str(short_config),
               '--data', f'folder:{digits}', '--checkpoint']
   result += [
       Case('evaluate a 1-block run with the 4-block config', [
-          '-m', 'experiments.evaluate', '--config', DIGITS, '--data',
+          '-m', 'experiments.deit.evaluate', '--config', DIGITS, '--data',
           f'folder:{digits}', '--checkpoint', run], 'lacks', watch=run),
       Case('evaluate a run whose best/ is damaged', evaluate + [
           str(out / 'damaged_run')], 'skipped the damaged best/4', 0,
@@ -241,9 +242,13 @@ def cases(out: pathlib.Path) -> List[Case]:
 
 def run_case(case: Case, cwd: str) -> Dict[str, str]:
   before = snapshot(case.watch) if case.watch else None
+  # As a user runs the command: one CPU device, whatever the caller's
+  # XLA_FLAGS (the test suite's give 4 devices, which eval batches of 30
+  # do not divide by).
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   process = subprocess.run([sys.executable] + case.argv, cwd=cwd,
                            capture_output=True, text=True, check=False,
-                           env=dict(os.environ, JAX_PLATFORMS='cpu'))
+                           env=dict(env, JAX_PLATFORMS='cpu'))
   lines = [l for l in (process.stderr + process.stdout).splitlines()
            if l.strip()]
   library = case.argv[0] == '-c'
@@ -264,13 +269,18 @@ def run_case(case: Case, cwd: str) -> Dict[str, str]:
           ('yes' if unchanged else 'NO'), 'ok': 'ok' if ok else 'FAILED'}
 
 
+COMMAND = cli.Command('python -m experiments.hostile_inputs', __doc__)
+flags.DEFINE_string(
+    'out', '/tmp/irpe_hostile_inputs',
+    'where the bad inputs and runs are made (emptied)',
+    flag_values=COMMAND.flags)
+flags.DEFINE_integer(
+    'width', 160, 'characters of each answer printed',
+    flag_values=COMMAND.flags)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--out', default='/tmp/irpe_hostile_inputs',
-                      help='where the bad inputs and runs are made (emptied)')
-  parser.add_argument('--width', type=int, default=160,
-                      help='characters of each answer printed')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   out = pathlib.Path(args.out).resolve()
   shutil.rmtree(out, ignore_errors=True)
   out.mkdir(parents=True)

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One command for a machine with a GPU or a TPU: makes an environment with
 # the jax of that accelerator, prints the backend and its devices, runs the
-# parity tests there, benchmarks every iRPE impl (experiments.bench_rpe) and
+# parity tests there, benchmarks every iRPE impl (experiments.benchmarks.bench_rpe) and
 # the DeiT-S training step plain / iRPE-K / iRPE-QKV in float32 and bf16
-# with each one's peak device memory (experiments.bench_train), and writes a
-# markdown report (see experiments/accelerator_check.py).
+# with each one's peak device memory (experiments.benchmarks.bench_train), and writes a
+# markdown report (see experiments/benchmarks/accelerator_check.py).
 #
 #   scripts/accelerator_check.sh [--venv PATH | --no-install] [--out FILE]
-#       [--budget SECONDS] [--quick] [-- more experiments.accelerator_check flags]
+#       [--budget SECONDS] [--quick] [-- more experiments.benchmarks.accelerator_check flags]
 #
 #   --venv PATH   the virtual environment to use, made if missing (default:
 #                 $IRPE_VENV, else ./.venv-accelerator); its jax must see
@@ -88,4 +88,4 @@ else
 fi
 
 cd "$repo_root"
-exec "$PY" -m experiments.accelerator_check --out "$out" --budget "$budget" "${extra_args[@]}"
+exec "$PY" -m experiments.benchmarks.accelerator_check --out "$out" --budget "$budget" "${extra_args[@]}"

@@ -2,7 +2,7 @@
 
 Every file here is written by Pillow (or is a real Pillow file cut short or
 with its header patched), then read by the real readers: the folder source,
-the grain train and eval iterators and `experiments.train`.
+the grain train and eval iterators and `experiments.deit.train`.
 
 - A truncated, empty, non-image or decompression-bomb file is named with its
   reason, logged once, skipped by training the same way on every run and
@@ -26,10 +26,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from experiments import image_decode
-from experiments import input_pipeline
-from experiments import train
-from experiments.configs import common
+from experiments.deit.configs import common
+from experiments.deit import input_pipeline
+from experiments.deit import trainer
+from experiments.lib import image_decode
 import train_worker
 
 # The bad files of the training folder, by name: (class, reason fragment).
@@ -453,7 +453,7 @@ def test_train_and_evaluate_runs_through_bad_files_and_names_them(
   config = train_worker.tiny_config(f'folder:{bad_folder}')
   config.input.max_bad_images = 0.2
   with caplog.at_level(logging.WARNING):
-    out = train.train_and_evaluate(config, str(tmp_path))
+    out = trainer.train_and_evaluate(config, str(tmp_path))
   assert out['step'] == 4
   assert np.isfinite(out['eval']['loss'])
   assert 0.0 <= out['eval']['top1'] <= out['eval']['top5'] <= 1.0
@@ -481,6 +481,6 @@ def test_an_eval_that_stops_on_bad_files_keeps_the_steps_checkpoint(
   workdir = tmp_path / 'run'
   with pytest.raises(input_pipeline.BadDataError,
                      match=r'2 of the 9 files of .*test \(22.22%\)'):
-    train.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
   # The step was saved before its evaluation: a resume starts there.
   assert os.listdir(workdir / 'checkpoints') == ['2']

@@ -13,10 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments import accelerator_check
-from experiments import bench_flash
-from experiments import bench_rpe
-from experiments import bench_train
+from experiments.benchmarks import accelerator_check
+from experiments.benchmarks import bench_flash
+from experiments.benchmarks import bench_rpe
+from experiments.benchmarks import bench_train
 
 
 @pytest.fixture(scope='module')

@@ -184,7 +184,7 @@ def test_attention_block_in_bf16_within_derived_bound():
 # -- training ---------------------------------------------------------------
 
 def test_small_deit_trains_in_bf16():
-  from experiments import steps  # pylint: disable=g-import-not-at-top
+  from experiments.deit import steps  # pylint: disable=g-import-not-at-top
   model = models.create_model(
       'deit_tiny_patch16_224_ctx_product_50_shared_k', img_size=32,
       patch_size=8, depth=1, num_classes=10, dtype=jnp.bfloat16,

@@ -12,14 +12,16 @@ import sys
 
 import pytest
 
-from experiments import cli
-from experiments import config_checks
-from experiments import predict
+from experiments.deit import config_checks as deit_checks
+from experiments.deit import predict
+from experiments.detr import config_checks as detr_checks
 from experiments.detr.configs import coco
 from experiments.detr.configs import synthetic
+from experiments.lib import cli
+from experiments.lib import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DIGITS = 'experiments/configs/digits_folder.py'
+DIGITS = 'experiments/deit/configs/digits_folder.py'
 DETR = 'experiments/detr/configs/synthetic.py'
 
 
@@ -46,7 +48,7 @@ def test_a_deit_value_that_cannot_run_is_named(key, value, message):
   section, _, leaf = key.rpartition('.')
   (config[section] if section else config)[leaf] = value
   with pytest.raises(config_checks.ConfigError, match=message):
-    config_checks.check_deit_config(config)
+    deit_checks.check_deit_config(config)
 
 
 def test_unknown_config_keys_name_the_nearest_known_one():
@@ -54,21 +56,21 @@ def test_unknown_config_keys_name_the_nearest_known_one():
   config.input.batchsize = 3   # a typo in a config file adds a key silently.
   with pytest.raises(config_checks.ConfigError, match='config.input.batchsize '
                      'is not a key .* did you mean config.input.batch_size'):
-    config_checks.check_deit_config(config)
+    deit_checks.check_deit_config(config)
   config = deit_config()
   config.model.depht = 2
   with pytest.raises(config_checks.ConfigError, match='not a field of irpe_jax'
                      '.models.VisionTransformer; did you mean .*model.depth'):
-    config_checks.check_deit_config(config)
+    deit_checks.check_deit_config(config)
   config = deit_config()
   config.rpe = dict(config.rpe, methd='product')
   with pytest.raises(config_checks.ConfigError, match='config.rpe.methd .*'
                      'did you mean config.rpe.method'):
-    config_checks.check_deit_config(config)
+    deit_checks.check_deit_config(config)
   config = deit_config()
   config.rpe = dict(config.rpe, method='chebyshev')
   with pytest.raises(config_checks.ConfigError, match="config.rpe=.*chebyshev"):
-    config_checks.check_deit_config(config)
+    deit_checks.check_deit_config(config)
   for argv, message in (
       (['--config.totl_steps=3'], "no key 'totl_steps'; did you mean "
        '--config.total_steps'),
@@ -98,21 +100,21 @@ def test_a_detr_value_that_cannot_run_is_named(key, value, message):
   section, _, leaf = key.rpartition('.')
   (cli.config_value(config, section) if section else config)[leaf] = value
   with pytest.raises(config_checks.ConfigError, match=message):
-    config_checks.check_detr_config(config)
+    detr_checks.check_detr_config(config)
   config = synthetic.get_config('plain')
   config.model.num_querys = 3
   with pytest.raises(config_checks.ConfigError,
                      match='did you mean config.model.num_queries'):
-    config_checks.check_detr_config(config)
+    detr_checks.check_detr_config(config)
 
 
 def test_every_shipped_config_passes_its_checks():
-  for path in sorted((ROOT / 'experiments/configs').glob('*.py')):
+  for path in sorted((ROOT / 'experiments/deit/configs').glob('*.py')):
     if path.name not in ('__init__.py', 'common.py'):
-      config_checks.check_deit_config(cli.load_config(str(path)))
+      deit_checks.check_deit_config(cli.load_config(str(path)))
   for arg in coco.RELEASED:
-    config_checks.check_detr_config(coco.get_config(arg))
-    config_checks.check_detr_config(synthetic.get_config(arg))
+    detr_checks.check_detr_config(coco.get_config(arg))
+    detr_checks.check_detr_config(synthetic.get_config(arg))
 
 
 def test_predict_names_an_image_that_does_not_decode(tmp_path):
@@ -130,7 +132,8 @@ def command_results(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('cli')
   (tmp / 'empty').mkdir()
   workdir = str(tmp / 'never_made')
-  deit = ['-m', 'experiments.train', '--config', DIGITS, '--workdir', workdir]
+  deit = ['-m', 'experiments.deit.train', '--config', DIGITS, '--workdir',
+          workdir]
   detr = ['-m', 'experiments.detr.train', '--config', DETR, '--workdir',
           workdir]
   commands = {
@@ -139,7 +142,7 @@ def command_results(tmp_path_factory):
       'batch_size': deit + ['--config.input.batch_size=0'],
       'unknown_key': deit + ['--config.foo=1'],
       'typo': deit + ['--config.totl_steps=3'],
-      'no_config': ['-m', 'experiments.train', '--config', 'nosuch.py',
+      'no_config': ['-m', 'experiments.deit.train', '--config', 'nosuch.py',
                     '--workdir', workdir],
       'debug': deit + ['--config.input.batch_size=0', '--log_level=debug'],
       'detr_batch': detr + ['--config.input.batch_size=0'],
@@ -150,10 +153,10 @@ def command_results(tmp_path_factory):
       'detr_evaluate': ['-m', 'experiments.detr.evaluate', '--config', DETR,
                         '--config.data.root', str(tmp / 'nodata'),
                         '--checkpoint', str(tmp / 'empty')],
-      'evaluate': ['-m', 'experiments.evaluate', '--model', 'nosuch',
+      'evaluate': ['-m', 'experiments.deit.evaluate', '--model', 'nosuch',
                    '--checkpoint', str(tmp / 'empty'), '--data',
                    f'folder:{tmp}', '--split', 'empty'],
-      'predict': ['-m', 'experiments.predict', '--model',
+      'predict': ['-m', 'experiments.deit.predict', '--model',
                   'deit_tiny_patch16_224', '--checkpoint',
                   str(tmp / 'missing.pth'), 'x.png'],
       'detr_predict': ['-m', 'experiments.detr.predict', '--checkpoint',

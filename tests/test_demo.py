@@ -1,4 +1,4 @@
-"""The offline demo (`python -m experiments.demo`), in its --quick mode."""
+"""The offline demo (`python -m experiments.deit.demo`), in its --quick mode."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import demo
+from experiments.deit import demo
 
 PLOTS = ('learning_curves.png', 'accuracy.png', 'attention_maps.png',
          'bucket_maps.png')
@@ -14,7 +14,7 @@ PLOTS = ('learning_curves.png', 'accuracy.png', 'attention_maps.png',
 
 def test_quick_demo_trains_every_variant_and_writes_its_outputs(tmp_path,
                                                                 capsys):
-  summary = demo.main(['--quick', '--outdir', str(tmp_path)])
+  summary = demo.main(['--quick', '--out', str(tmp_path)])
   printed = capsys.readouterr().out
   variants = summary['variants']
   assert list(variants) == list(demo.VARIANTS)
@@ -61,11 +61,11 @@ def test_shift_batch_translates_without_wrapping():
 def test_figure5_writes_attention_by_offset_for_both_models(tmp_path,
                                                             monkeypatch,
                                                             capsys):
-  from experiments import figure5  # pylint: disable=g-import-not-at-top
+  from experiments.deit import figure5  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(figure5, 'SETTINGS', demo.dataclasses.replace(
       figure5.SETTINGS, embed_dim=8, depth=2, num_heads=2, mlp_ratio=1.0,
       batch_size=32, warmup_epochs=0, train_subset=64))
-  out = figure5.main(['--outdir', str(tmp_path), '--epochs', '1',
+  out = figure5.main(['--out', str(tmp_path), '--epochs', '1',
                       '--eval_images', '4'])
   assert len(out['shares']) == 4  # two models x first and last block.
   assert all(0.0 < s <= 1.0 for s in out['shares'].values())

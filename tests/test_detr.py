@@ -25,10 +25,10 @@ import numpy as np
 from PIL import Image
 import pytest
 
-import irpe_jax
-from experiments.detr import bench_memory
+from experiments.benchmarks import bench_detr_memory as bench_memory
 from experiments.detr import predict
 from experiments.detr import preprocess
+import irpe_jax
 from irpe_jax import convert
 from irpe_jax import models
 from irpe_jax.models import detr
@@ -653,9 +653,9 @@ def test_predict_prints_the_detections_of_a_checkpoint(variables, tmp_path,
   image = tmp_path / 'street.png'
   pixels = np.random.default_rng(0).integers(0, 256, (48, 72, 3), np.uint8)
   Image.fromarray(pixels).save(image)
-  assert predict.main(['--checkpoint', str(checkpoint), '--enc-rpe2d',
+  assert predict.main(['--checkpoint', str(checkpoint), '--enc_rpe2d',
                        CASE['enc_rpe2d'], '--threshold', '0', '--size', '32',
-                       '--max-size', '64', str(image)]) == 0
+                       '--max_size', '64', str(image)]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert lines[0] == f'{image}: {CASE["num_queries"]} detections'
   scores = [float(line.split()[0]) for line in lines[1:]]
@@ -668,7 +668,7 @@ def test_predict_prints_the_detections_of_a_checkpoint(variables, tmp_path,
 def test_predict_names_a_bad_rpe_string_before_loading(tmp_path, capsys):
   with pytest.raises(SystemExit, match="^error: .*enc_rpe2d='rpe-2.0'"):
     predict.main(['--checkpoint', str(tmp_path / 'missing.pth'),
-                  '--enc-rpe2d', 'rpe-2.0', 'x.png'])
+                  '--enc_rpe2d', 'rpe-2.0', 'x.png'])
   del capsys
 
 

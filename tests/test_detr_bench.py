@@ -3,7 +3,7 @@
 The two tests that compile DETR training steps take a minute each on a
 2-core CPU and are marked slow (`-m slow` runs them).
 
-`experiments.detr.bench` counts the compiles of a COCO epoch by replaying
+`experiments.benchmarks.bench_detr` counts the compiles of a COCO epoch by replaying
 `data.train_batches` on image sizes alone; these tests pin the replay to
 the real iterator and to the compiles of a real training run, so that the
 count cannot drift from what the loop does.
@@ -15,10 +15,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from experiments.detr import bench
-from experiments.detr import data
-from experiments.detr import train
+from experiments.benchmarks import bench_detr as bench
 from experiments.detr.configs import synthetic
+from experiments.detr import data
+from experiments.detr import sources
+from experiments.detr import trainer
 
 # Portrait and landscape images: a batch's padded height comes from one
 # kind and its width from the other, so scales give many shapes.
@@ -36,23 +37,28 @@ def _shapes_of(batch):
   return batch['images'].shape[1:3], images
 
 
-@pytest.mark.parametrize('batch_size,flip', [(2, True), (3, False)])
-def test_epoch_replay_is_the_loops_batches(batch_size, flip):
+@pytest.mark.parametrize('batch_size,flip,grouped', [
+    (2, True, False), (3, False, False), (2, True, True), (3, False, True)])
+def test_epoch_replay_is_the_loops_batches(batch_size, flip, grouped):
   examples = [{'image': np.zeros((h, w, 3), np.uint8),
                'boxes': np.full((1, 4), 0.5, np.float32),
                'labels': np.ones(1, np.int32), 'image_id': np.int64(i),
                'orig_size': np.array([h, w], np.int32)}
               for i, (h, w) in enumerate(SIZES)]
-  per_epoch = len(SIZES) // batch_size
-  loop = data.train_batches(examples, batch_size, 0, 5, SCALES, MAX_SIZE,
-                            flip, PAD_SIDES, 2)
+  crop = data.RandomCrop((40, 56), 24, 48)
+  loop = data.train_batches(
+      examples, batch_size, 0, 5, SCALES, MAX_SIZE, flip, PAD_SIDES, 2,
+      random_crop=crop,
+      sizes=sources.image_sizes(examples), grouped=grouped)
   replay = [b for epoch in range(2) for b in bench.epoch_batches(
       np.array(SIZES), batch_size, 5, epoch, SCALES, MAX_SIZE, flip,
-      PAD_SIDES)]
+      PAD_SIDES, crop, grouped)]
+  per_epoch = len(SIZES) // batch_size - grouped
   assert len(replay) == 2 * per_epoch
   for (shape, images), batch in zip(replay, loop):
     assert _shapes_of(batch) == (shape, images)
-  assert len({shape for shape, _ in replay}) > 1
+  if not grouped:
+    assert len({shape for shape, _ in replay}) > 1
 
 
 def test_coco_sizes_are_mostly_640_on_the_longer_side():
@@ -83,6 +89,12 @@ def test_coco_epoch_counts_and_padding():
   # pinned to `data.train_batches` above): 20 of the 25 shapes.
   assert len(counts['shapes']) == 20
   assert 0 < counts['nested_padding'] < counts['padding'] < 1
+  # Batched by orientation, as the loop does: less padding.
+  grouped = bench.count_shapes(bench.coco_sizes(2000), 2, config,
+                               config.input.pad_sides, grouped=True)
+  assert grouped['batches'] == 999   # two part-batches left out.
+  assert grouped['padding'] < counts['padding']
+  assert len(grouped['shapes']) < len(counts['shapes'])
 
 
 @pytest.mark.slow  # two DETR training steps to compile: a minute on 2 cores.
@@ -94,12 +106,16 @@ def test_quick_bench_runs(capsys):
   overhead = out['step']['64x96']
   assert np.isfinite(overhead['paired_ratio']) and overhead['paired_ratio'] > 0
   assert 'vs plain, paired median' in printed and 'compiles' in printed
-  # What it reports is the replay of 64 COCO-like sizes at 2 per batch.
+  # What it reports is the replay of 64 COCO-like sizes at 2 per batch,
+  # batched by orientation as the loop does, and without for comparison.
   config = bench.config_of(bench.RPE, 'auto', quick=True)
-  expected = bench.count_shapes(bench.coco_sizes(64), 2, config,
-                                config.input.pad_sides)
-  assert out['epoch']['counts'][2]['shapes'] == expected['shapes']
-  assert len(expected['shapes']) == 12 and expected['batches'] == 32
+  for grouped, counts, shapes, batches in ((True, 'counts', 10, 31),
+                                           (False, 'ungrouped', 13, 32)):
+    expected = bench.count_shapes(bench.coco_sizes(64), 2, config,
+                                  config.input.pad_sides, grouped)
+    assert out['epoch'][counts][2]['shapes'] == expected['shapes']
+    assert len(expected['shapes']) == shapes
+    assert expected['batches'] == batches
 
 
 def test_quick_layer_part_runs():
@@ -145,7 +161,7 @@ def test_training_compiles_once_per_padded_shape(tmp_path):
   config.eval_every_steps = -1
   config.checkpoint_every_steps = 100
   config.progress_bar = False
-  result = train.train_and_evaluate(config, str(tmp_path / 'run'))
+  result = trainer.train_and_evaluate(config, str(tmp_path / 'run'))
   shapes = {shape for shape, _ in bench.epoch_batches(
       np.array(SIZES), 4, config.seed, 0, SCALES, MAX_SIZE,
       config.input.flip, PAD_SIDES)}

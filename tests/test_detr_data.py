@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from experiments.detr import coco_eval
+from experiments.detr.configs import coco as coco_config
+from experiments.detr.configs import synthetic
 from experiments.detr import data
 from experiments.detr import make_synthetic_coco
 from experiments.detr import sources
-from experiments.detr.configs import coco as coco_config
-from experiments.detr.configs import synthetic
 
 SPLITS = (('train', 'train'), ('validation', 'val'))  # tfds, folder.
 

@@ -6,23 +6,32 @@ one padded batch shape, so each run compiles its step once.
 """
 
 import collections
+import functools
 import json
+import os
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import checkpoints
 from experiments.detr import coco_eval
+from experiments.detr.configs import coco as coco_config
 from experiments.detr import data
 from experiments.detr import evaluate
 from experiments.detr import make_synthetic_coco
 from experiments.detr import pretrain_backbone
-from experiments.detr import train
-from experiments.detr.configs import coco as coco_config
-from experiments.detr.configs import synthetic
+from experiments.detr import trainer
+from experiments.lib import checkpoints
 from irpe_jax import convert
+import detr_tiny
 import snapshots
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -112,30 +121,124 @@ def test_coco_configs_are_the_release_recipe():
 
 
 def _tiny_config(root):
-  config = synthetic.get_config('rpe-2.0-product-ctx-1-k')
-  config.data.root = str(root)
-  config.input.update({'batch_size': 4, 'eval_batch_size': 4,
-                       'pad_sides': (64,)})
-  config.model.update({'backbone_width': 8, 'hidden_dim': 32,
-                       'num_heads': 2, 'enc_layers': 1, 'dec_layers': 1,
-                       'dim_feedforward': 64, 'num_queries': 4})
-  # One recipe for every test here: the jitted steps are cached per (model,
-  # recipe), so the tests share one compile.
-  config.optim.update({'lr': 1e-3, 'backbone_lr': 1e-3,
-                       'freeze_stem': False})   # a backbone from scratch.
-  config.total_steps = 4
-  config.log_every_steps = 1
-  config.eval_every_steps = -1
-  config.checkpoint_every_steps = 2
-  config.progress_bar = False
-  return config
+  return detr_tiny.get_config(str(root))
 
 
-def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
+@pytest.fixture(scope='module')
+def whole_run(digits, tmp_path_factory):
+  """The tiny config's 4 steps in this process (4 CPU devices), evaluated
+  at the end (so `best/4` holds its variables)."""
   config = _tiny_config(digits)
-  whole = train.train_and_evaluate(config, str(tmp_path / 'whole'))
-  train.train_and_evaluate(config, str(tmp_path / 'killed'), stop_at_step=2)
-  resumed = train.train_and_evaluate(config, str(tmp_path / 'killed'))
+  config.eval_every_steps = 0
+  workdir = tmp_path_factory.mktemp('whole')
+  return workdir, trainer.train_and_evaluate(config, str(workdir))
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _run_cli(commands, tmp_path, devices):
+  """Runs command lines at once (the processes of one run); their logs."""
+  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  logs = [open(tmp_path / f'log_{i}.txt', 'w+') for i in range(len(commands))]
+  # Output to files, not pipes: a full pipe would stall one process and,
+  # at the next collective, the other.
+  procs = [subprocess.Popen(c, env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+           for c, log in zip(commands, logs)]
+  texts = []
+  for proc, log in zip(procs, logs):
+    try:
+      proc.wait(timeout=300)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+    log.seek(0)
+    texts.append(log.read())
+    log.close()
+    assert proc.returncode == 0, texts[-1][-3000:]
+  return texts
+
+
+def test_two_processes_of_the_train_command_train_as_one(digits, whole_run,
+                                                         tmp_path):
+  """`--coordinator_address` joins two processes of 2 devices into one run
+  of 4, whose parameters, eval and best checkpoint are the one-process
+  run's."""
+  port = _free_port()
+  workdir = tmp_path / 'wd_2x2'
+  base = [sys.executable, '-m', 'experiments.detr.train', '--config',
+          f'tests/detr_tiny.py:{digits}', '--config.eval_every_steps=0',
+          '--workdir', str(workdir), '--coordinator_address',
+          f'localhost:{port}', '--num_processes', '2']
+  logs = _run_cli([base + ['--process_id', str(i)] for i in range(2)],
+                  tmp_path, devices=2)
+  for i, log in enumerate(logs):
+    assert f'Process {i} of 2, 2 local / 4 global devices (cpu).' in log
+    assert 'steps from step 0 on 4 devices of 2 processes' in log
+  state, name = checkpoints.read_run(str(workdir), ('checkpoints',))
+  assert name == 'checkpoints/4'
+  one = whole_run[1]
+  # Adam's steps are lr-sized (1e-3) whatever the gradient's size: a
+  # near-zero gradient summed in another order on 2 x 2 devices than on 4
+  # moves a parameter by a fraction of a percent of a step (seen: 2.2e-6).
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=2e-5,
+                                 atol=1e-5),
+               state['params'], jax.device_get(one['state']['params']))
+  assert sorted(os.listdir(workdir / 'best')) == ['4']
+  rows = [json.loads(line) for line in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in rows if 'train/loss' in r] == [1, 2, 3, 4]
+  evals = [r for r in rows if 'eval/AP' in r]
+  assert [r['step'] for r in evals] == [4]
+  assert evals[0]['eval/AP50'] == pytest.approx(one['eval']['AP50'],
+                                                abs=1e-6)
+
+
+def test_the_loop_keeps_the_best_ap_and_a_rate_of_training_alone(digits,
+                                                                  whole_run):
+  workdir, one = whole_run
+  assert sorted(os.listdir(workdir / 'best')) == ['4']
+  rows = [json.loads(line) for line in
+          (workdir / 'metrics.jsonl').read_text().splitlines()]
+  train_rows = [r for r in rows if 'train/loss' in r]
+  assert all(r['train/images_per_sec'] == pytest.approx(
+      4 * r['train/steps_per_sec']) for r in train_rows)
+  variables, name = evaluate.load_variables(_tiny_config(digits),
+                                            str(workdir))
+  assert name == 'best/4'
+  jax.tree.map(np.testing.assert_array_equal, variables['params'],
+               jax.device_get(one['state']['params']))
+
+
+def test_the_evaluate_command_skips_a_damaged_best_and_says_so(
+    digits, whole_run, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(whole_run[0], workdir)
+  snapshots.flip_a_byte(workdir / 'best' / '4')
+  before = snapshots.snapshot(workdir)
+  log, = _run_cli([[sys.executable, '-m', 'experiments.detr.evaluate',
+                    '--config', f'tests/detr_tiny.py:{digits}',
+                    '--checkpoint', str(workdir)]], tmp_path, devices=1)
+  assert 'Evaluating checkpoints/4 (skipped the damaged best/4:' in log
+  assert 'differs from its checksum' in log
+  ap50 = [line.split()[1] for line in log.splitlines()
+          if line.split()[:1] == ['AP50']]
+  assert float(ap50[0]) == pytest.approx(whole_run[1]['eval']['AP50'],
+                                         abs=1e-3)
+  assert snapshots.snapshot(workdir) == before
+
+
+def test_a_killed_run_resumes_to_the_same_parameters(digits, whole_run,
+                                                     tmp_path):
+  config = _tiny_config(digits)
+  whole = whole_run[1]
+  trainer.train_and_evaluate(config, str(tmp_path / 'killed'), stop_at_step=2)
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / 'killed'))
   assert whole['step'] == resumed['step'] == 4
   assert whole['compiles'] == 1
   jax.tree.map(np.testing.assert_array_equal, whole['state']['params'],
@@ -146,7 +249,7 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
                {'params': resumed['state']['params'],
                 'batch_stats': resumed['state']['batch_stats']})
-  first = json.loads((tmp_path / 'whole/metrics.jsonl').read_text()
+  first = json.loads((whole_run[0] / 'metrics.jsonl').read_text()
                      .splitlines()[0])
   # One decoder layer: no auxiliary (`_0`) losses.
   assert not any(name.endswith('_0') for name in first)
@@ -158,8 +261,8 @@ def test_a_killed_run_resumes_to_the_same_parameters(digits, tmp_path):
 
 def test_evaluate_reads_a_run_without_touching_it(digits, tmp_path):
   config = _tiny_config(digits)
-  model = train.build_model(config)
-  state = jax.device_get(train.init_state(model, train.recipe_of(config, 2),
+  model = trainer.build_model(config)
+  state = jax.device_get(trainer.init_state(model, trainer.recipe_of(config, 2),
                                           config))
   run = tmp_path / 'run'
   ckpt = checkpoints.Checkpoints(str(run), 3, False)
@@ -199,7 +302,7 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
   config.log_every_steps = 10
   config.eval_every_steps = 300
   config.checkpoint_every_steps = 1000
-  result = train.train_and_evaluate(config, str(tmp_path))
+  result = trainer.train_and_evaluate(config, str(tmp_path))
   losses = [json.loads(line)['train/loss'] for line in
             (tmp_path / 'metrics.jsonl').read_text().splitlines()
             if 'train/loss' in line]
@@ -214,16 +317,16 @@ def test_a_tiny_detr_overfits_a_few_images(digits, tmp_path):
 
 def test_a_nonfinite_step_is_refused_and_counted(digits):
   config = _tiny_config(digits)
-  model = train.build_model(config)
-  recipe = train.recipe_of(config, 2)
+  model = trainer.build_model(config)
+  recipe = trainer.recipe_of(config, 2)
   mesh = jax.sharding.Mesh(np.array(jax.devices()), ('data',))
-  train_step, _ = train.compiled_steps(model, recipe, mesh)  # shared compile.
-  state = train.init_state(model, recipe, config)
+  train_step, _ = trainer.compiled_steps(model, recipe, mesh)  # shared compile.
+  state = trainer.init_state(model, recipe, config)
   examples = data.load_split(str(digits / 'train'),
                              str(digits / 'annotations/instances_train.json'))
   batch = next(data.train_batches(
       examples, 4, 0, 0, (), 1333, False, (64,), 4))
-  batch = {k: batch[k] for k in train.BATCH_KEYS}
+  batch = {k: batch[k] for k in trainer.BATCH_KEYS}
   batch['images'][0, 3, 5] = np.nan
   before = jax.device_get(state)
   # The step donates its state: pass a copy.
@@ -244,14 +347,14 @@ def test_a_pretrained_backbone_is_where_training_starts(digits, tmp_path):
   path = str(tmp_path / 'backbone.msgpack')
   convert.save_params(path, backbone)
   config.backbone_init = path
-  model = train.build_model(config)
-  state = train.init_state(model, train.recipe_of(config, 2), config)
+  model = trainer.build_model(config)
+  state = trainer.init_state(model, trainer.recipe_of(config, 2), config)
   for collection in ('params', 'batch_stats'):
     jax.tree.map(np.testing.assert_array_equal,
                  state[collection]['backbone_0'],
                  backbone[collection]['backbone_0'])
   # Everything else is the model's own initialisation.
-  scratch = train.init_state(model, train.recipe_of(config, 2),
+  scratch = trainer.init_state(model, trainer.recipe_of(config, 2),
                              _tiny_config(digits))
   jax.tree.map(np.testing.assert_array_equal,
                state['params']['transformer'],

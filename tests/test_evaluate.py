@@ -1,4 +1,4 @@
-"""experiments.evaluate: top-1/top-5 of a checkpoint on folder and tfds data.
+"""experiments.deit.evaluate: top-1/top-5 of a checkpoint on folder and tfds data.
 
 Each run is checked against a direct computation: every image through the
 eval transform and the model, one at a time, no sharding or padding.
@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from experiments import checkpoints
-from experiments import evaluate
-from experiments import input_pipeline
-from experiments import make_digits_folder
-from experiments import train
-from experiments import transforms
+from experiments.deit import evaluate
+from experiments.deit import input_pipeline
+from experiments.deit import make_digits_folder
+from experiments.deit import trainer
+from experiments.deit import transforms
+from experiments.lib import checkpoints
 from irpe_jax import convert
 from irpe_jax import models
 import snapshots
@@ -108,7 +108,7 @@ def test_npz_checkpoint_on_a_folder_matches_a_direct_computation(
     tmp_path, small_folder, capsys):
   dataset = f'folder:{small_folder}'
   config = train_worker.tiny_config(dataset)
-  model = train.build_model(config, 10)
+  model = trainer.build_model(config, 10)
   params = model.init(jax.random.key(3), np.zeros((1, 16, 16, 3)),
                       train=False)['params']
   np.savez(tmp_path / 'model.npz', **{
@@ -132,7 +132,7 @@ def run(tmp_path_factory, small_folder):
   config = train_worker.tiny_config(dataset)
   config.total_steps = 2
   workdir = tmp_path_factory.mktemp('run')
-  ran = train.train_and_evaluate(config, str(workdir))
+  ran = trainer.train_and_evaluate(config, str(workdir))
   return workdir, ran['eval']
 
 
@@ -153,20 +153,12 @@ def test_a_training_workdir_evaluates_as_training_did(tmp_path, small_folder,
   assert snapshots.snapshot(workdir) == before
 
 
-def flip_a_byte(step_dir):
-  biggest = max((p for p in step_dir.rglob('*') if p.is_file()),
-                key=lambda p: p.stat().st_size)
-  data = bytearray(biggest.read_bytes())
-  data[len(data) // 2] ^= 0xFF
-  biggest.write_bytes(bytes(data))
-
-
 def test_a_damaged_best_falls_back_to_the_newest_good_checkpoint(
     tmp_path, small_folder, run, capsys):
   dataset = f'folder:{small_folder}'
   workdir = tmp_path / 'run'
   shutil.copytree(run[0], workdir)
-  flip_a_byte(workdir / 'best' / '2')
+  snapshots.flip_a_byte(workdir / 'best' / '2')
   before = snapshots.snapshot(workdir)
   argv = ['--config', write_config(tmp_path, dataset), '--checkpoint',
           str(workdir), '--data', dataset]
@@ -176,7 +168,7 @@ def test_a_damaged_best_falls_back_to_the_newest_good_checkpoint(
   out = capsys.readouterr().out
   assert 'Evaluating checkpoints/2 (skipped the damaged best/2:' in out
   assert 'differs from its checksum' in out
-  flip_a_byte(workdir / 'checkpoints' / '2')
+  snapshots.flip_a_byte(workdir / 'checkpoints' / '2')
   before = snapshots.snapshot(workdir)
   with pytest.raises(SystemExit, match='No checkpoint of .* restores: '
                      'best/2: .*; checkpoints/2: '):
@@ -199,7 +191,7 @@ def test_a_run_of_another_model_names_every_misfit(tmp_path, small_folder,
   # Every parameter of the second block is named.
   config = train_worker.tiny_config(dataset)
   config.model.depth = 2
-  model = train.build_model(config, 10)
+  model = trainer.build_model(config, 10)
   params = jax.eval_shape(lambda: model.init(
       jax.random.key(0), np.zeros((1, 16, 16, 3)), train=False))['params']
   second = ['/'.join(k) for k in flax.traverse_util.flatten_dict(params)

@@ -263,7 +263,7 @@ def test_attention_block_lowers_with_matmul_lookups_on_tpu():
 
 
 def test_deit_small_bf16_training_step_lowers():
-  from experiments import steps  # pylint: disable=g-import-not-at-top
+  from experiments.deit import steps  # pylint: disable=g-import-not-at-top
   model = models.create_model(
       'deit_small_patch16_224_ctx_product_50_shared_qkv', depth=1,
       drop_path_rate=0.1, dtype=jnp.bfloat16)

@@ -12,8 +12,8 @@ import irpe_jax
 from irpe_jax import buckets
 from irpe_jax import core
 from irpe_jax import models
-from irpe_jax import ops
 from irpe_jax.models import vit
+from irpe_jax import ops
 
 CFG_K = irpe_jax.get_rpe_config(skip=1, rpe_on='k')
 RATIO = (1.9, 3.8, 15.2)

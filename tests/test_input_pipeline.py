@@ -1,7 +1,7 @@
-"""experiments.input_pipeline and experiments.optim: order, shards, mixing.
+"""experiments.deit.input_pipeline and experiments.deit.optim: order, shards, mixing.
 
 The tfds tests read a dataset prepared offline in a temporary data_dir by a
-real builder (`experiments.make_tfds_dataset`), through `tfds.data_source`
+real builder (`experiments.deit.make_tfds_dataset`), through `tfds.data_source`
 as training does: `tfds.testing.mock_data` replaces that path and hid a
 crash in it.
 """
@@ -18,10 +18,11 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from experiments.deit.configs import common
+from experiments.deit import input_pipeline
+from experiments.deit import optim
+from experiments.lib import tfds_import
 import irpe_jax
-from experiments import input_pipeline
-from experiments import optim
-from experiments.configs import common
 from irpe_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,7 +48,7 @@ def make_config(**overrides):
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory) -> pathlib.Path:
   """A data_dir holding `synthetic_cifar10` (24 train, 10 test), array_record."""
-  from experiments import make_tfds_dataset  # pylint: disable=g-import-not-at-top
+  from experiments.deit import make_tfds_dataset  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('tfds')
   make_tfds_dataset.prepare(str(data_dir), num_train=24, num_test=10)
   return data_dir
@@ -177,7 +178,7 @@ def test_image_folder_source_labels_sorted_class_folders(tmp_path):
 
 def replay_images(split, count, seed=0):
   """The images `make_tfds_dataset` generated for `split`, by their id."""
-  from experiments import make_tfds_dataset  # pylint: disable=g-import-not-at-top
+  from experiments.deit import make_tfds_dataset  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng([seed, 0 if split == 'train' else 1])
   return {f'{split}_{i:06d}': make_tfds_dataset.make_image(i % 10, rng)
           for i in range(count)}
@@ -226,13 +227,13 @@ def test_train_and_eval_batches_from_a_tfds_source(tfds_dir):
 
 
 def test_a_prepared_dataset_is_read_by_name_without_its_builder(tfds_dir):
-  # What `python -m experiments.train --config.dataset=synthetic_cifar10`
+  # What `python -m experiments.deit.train --config.dataset=synthetic_cifar10`
   # does: a fresh process that never imports the builder's module.
   code = ('import sys\n'
-          'from experiments import input_pipeline\n'
+          'from experiments.deit import input_pipeline\n'
           'source, n = input_pipeline.get_source("synthetic_cifar10", "test",'
           ' sys.argv[1])\n'
-          'assert "experiments.make_tfds_dataset" not in sys.modules\n'
+          'assert "experiments.deit.make_tfds_dataset" not in sys.modules\n'
           'print(len(source), n, source[0]["image"].shape)\n')
   run = subprocess.run([sys.executable, '-c', code, str(tfds_dir)], cwd=REPO,
                        env=dict(os.environ, PYTHONPATH=str(REPO)),
@@ -249,7 +250,7 @@ def test_import_tfds_names_a_package_tfds_needs_but_does_not_install(
                       lambda name, *args: None if name == missing
                       else find_spec(name, *args))
   with pytest.raises(ImportError, match=f'pip install {missing}'):
-    input_pipeline.import_tfds()
+    tfds_import.import_tfds()
 
 
 def test_setup_declares_every_package_the_data_path_imports():
@@ -269,14 +270,14 @@ def test_setup_declares_every_package_the_data_path_imports():
 
 def test_train_runs_on_a_tfds_dataset_at_full_augmentation(tfds_dir,
                                                           tmp_path):
-  from experiments import train  # pylint: disable=g-import-not-at-top
+  from experiments.deit import trainer  # pylint: disable=g-import-not-at-top
   import train_worker  # pylint: disable=g-import-not-at-top
   config = train_worker.tiny_config('synthetic_cifar10')
   config.data_dir = str(tfds_dir)
   config.input.update(randaugment_ops=3, randaugment_magnitude=10.0,
                       random_erasing=1.0)
   config.total_steps = 2
-  out = train.train_and_evaluate(config, str(tmp_path))
+  out = trainer.train_and_evaluate(config, str(tmp_path))
   assert out['step'] == 2
   assert 0.0 <= out['eval']['top1'] <= 1.0
   assert np.isfinite(out['eval']['loss'])

@@ -1,4 +1,4 @@
-"""experiments.train: a few tiny steps on an image folder (tfds: test_input_pipeline).
+"""experiments.deit.train: a few tiny steps on an image folder (tfds: test_input_pipeline).
 
 Proves what a user scaling up relies on: the same steps give the same
 params on 1 device, on 4 devices and on two processes of 2 devices each; a
@@ -7,7 +7,7 @@ falling back past a damaged checkpoint; a non-finite loss never reaches a
 checkpoint; metrics and checkpoints land in the workdir, one row per step.
 
 The in-process runs share one config, so they share its compiled steps
-(`train.compiled_steps`): each costs seconds, not a compile.
+(`trainer.compiled_steps`): each costs seconds, not a compile.
 """
 
 import glob
@@ -26,11 +26,12 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
-from experiments import checkpoints
-from experiments import input_pipeline
-from experiments import metrics
-from experiments import plot_metrics
-from experiments import train
+from experiments.deit import input_pipeline
+from experiments.deit import trainer
+from experiments.lib import checkpoints
+from experiments.lib import cli
+from experiments.lib import metrics
+from experiments.lib import plot_metrics
 import snapshots
 import train_worker
 
@@ -99,7 +100,7 @@ def four_device_run(image_folder, tmp_path_factory):
   import jax  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 4
   workdir = tmp_path_factory.mktemp('wd4')
-  out = train.train_and_evaluate(
+  out = trainer.train_and_evaluate(
       train_worker.tiny_config(f'folder:{image_folder}'), str(workdir))
   return workdir, out
 
@@ -165,10 +166,10 @@ def test_two_processes_resume_a_damaged_run_to_the_same_params(
 def test_stopped_run_resumes_to_the_same_params(four_device_run,
                                                  image_folder, tmp_path):
   config = train_worker.tiny_config(f'folder:{image_folder}')
-  stopped = train.train_and_evaluate(config, str(tmp_path), stop_at_step=1)
+  stopped = trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=1)
   assert stopped['step'] == 1
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
-  resumed = train.train_and_evaluate(config, str(tmp_path))
+  resumed = trainer.train_and_evaluate(config, str(tmp_path))
   assert resumed['step'] == 4
   assert_same_params(train_worker.flat_params(resumed['params']),
                      four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
@@ -245,11 +246,11 @@ def test_killed_run_resumes_exactly_and_logs_each_step_once(
   with monkeypatch.context() as patch:
     interrupted_iterator(patch, at_step=4)
     with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(tmp_path))
+      trainer.train_and_evaluate(config, str(tmp_path))
   # Step 3 was logged, but the last checkpoint is step 2: it is replayed.
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   assert rows_by_step(tmp_path)['train'] == [1, 2, 3]
-  resumed = train.train_and_evaluate(config, str(tmp_path))
+  resumed = trainer.train_and_evaluate(config, str(tmp_path))
   assert rows_by_step(tmp_path) == {'train': [1, 2, 3, 4], 'eval': [2, 4]}
   assert_same_params(train_worker.flat_params(resumed['params']),
                      four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
@@ -259,7 +260,7 @@ def test_killed_run_resumes_exactly_and_logs_each_step_once(
 def stopped_at_3(image_folder, tmp_path_factory):
   """A run stopped at step 3: checkpoints 2 and 3, metrics up to 3."""
   workdir = tmp_path_factory.mktemp('stopped_at_3')
-  train.train_and_evaluate(train_worker.tiny_config(f'folder:{image_folder}'),
+  trainer.train_and_evaluate(train_worker.tiny_config(f'folder:{image_folder}'),
                            str(workdir), stop_at_step=3)
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
   return workdir
@@ -338,7 +339,7 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(
   damage_fn, reason = DAMAGE[damage]
   damage_fn(workdir / 'checkpoints' / '3')
   with caplog.at_level(logging.WARNING):
-    out = train.train_and_evaluate(
+    out = trainer.train_and_evaluate(
         train_worker.tiny_config(f'folder:{image_folder}'), str(workdir))
   skipped = [r.getMessage() for r in caplog.records
              if 'Skipping checkpoint 3' in r.getMessage()]
@@ -364,7 +365,7 @@ def test_no_checkpoint_restores_stops_with_every_reason(
   with pytest.raises(checkpoints.DamagedCheckpointError,
                      match=r'No checkpoint .* restores: step 3: .*differs.*; '
                      r'step 2: the step folder is empty.*Move the folder away'):
-    train.train_and_evaluate(
+    trainer.train_and_evaluate(
         train_worker.tiny_config(f'folder:{image_folder}'), str(workdir))
   # Nothing was moved or overwritten: the user decides.
   assert sorted(os.listdir(workdir / 'checkpoints')) == ['2', '3']
@@ -379,7 +380,7 @@ def test_resuming_with_another_models_config_names_it_and_keeps_the_run(
   with pytest.raises(ValueError, match='Checkpoint 3 of .* holds another model '
                      'than the config: it lacks 14 the model has '
                      r'\(blocks_1/.*Resume with the config of the run'):
-    train.train_and_evaluate(config, str(stopped_at_3))
+    trainer.train_and_evaluate(config, str(stopped_at_3))
   # Not taken for damage: nothing set aside, nothing written.
   assert snapshots.snapshot(stopped_at_3) == before
 
@@ -399,7 +400,7 @@ def test_nonfinite_loss_stops_the_run_before_anything_is_saved(
   interrupted_iterator(monkeypatch, nan_steps=(3,))
   with pytest.raises(FloatingPointError, match=r'Non-finite loss or gradients '
                      r'in step 3\. .*the last checkpoint is step 2'):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']
   assert os.listdir(tmp_path / 'best') == ['2']
 
@@ -407,16 +408,16 @@ def test_nonfinite_loss_stops_the_run_before_anything_is_saved(
 def test_nonfinite_loss_skip_policy_skips_the_update_and_counts_it(
     image_folder, tmp_path, monkeypatch):
   config = train_worker.tiny_config(f'folder:{image_folder}')
-  before = train.train_and_evaluate(config, str(tmp_path / 'clean'),
+  before = trainer.train_and_evaluate(config, str(tmp_path / 'clean'),
                                     stop_at_step=2)
   config.nonfinite_policy = 'skip'
   interrupted_iterator(monkeypatch, nan_steps=(3,))
-  skipped = train.train_and_evaluate(config, str(tmp_path / 'wd'),
+  skipped = trainer.train_and_evaluate(config, str(tmp_path / 'wd'),
                                      stop_at_step=3)
   # Step 3 changed nothing: its params are step 2's, bit for bit.
   assert_same_params(train_worker.flat_params(skipped['params']),
                      before['params'], rtol=0, atol=0)
-  out = train.train_and_evaluate(config, str(tmp_path / 'wd'))
+  out = trainer.train_and_evaluate(config, str(tmp_path / 'wd'))
   assert out['step'] == 4 and np.isfinite(out['eval']['loss'])
   records = [json.loads(line) for line in
              (tmp_path / 'wd' / 'metrics.jsonl').read_text().splitlines()]
@@ -436,7 +437,7 @@ def test_unwritable_workdir_fails_before_reading_data(tmp_path, monkeypatch,
   blocker.write_text('')
   with pytest.raises(checkpoints.UnwritableWorkdirError,
                      match='is not writable'):
-    train.train_and_evaluate(
+    trainer.train_and_evaluate(
         train_worker.tiny_config(f'folder:{image_folder}'),
         str(blocker / 'workdir'))
 
@@ -450,7 +451,7 @@ def test_read_only_workdir_fails_before_reading_data(tmp_path, monkeypatch,
   try:
     with pytest.raises(checkpoints.UnwritableWorkdirError,
                      match='is not writable'):
-      train.train_and_evaluate(
+      trainer.train_and_evaluate(
           train_worker.tiny_config(f'folder:{image_folder}'), str(tmp_path))
   finally:
     tmp_path.chmod(0o755)
@@ -460,7 +461,7 @@ def test_config_rejects_an_unknown_nonfinite_policy(tmp_path, image_folder):
   config = train_worker.tiny_config(f'folder:{image_folder}')
   config.nonfinite_policy = 'ignore'
   with pytest.raises(ValueError, match="nonfinite_policy='ignore'"):
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
 
 
 def test_checkpoints_refuse_nonfinite_states_and_best_models(tmp_path):
@@ -483,7 +484,7 @@ def test_checkpoints_refuse_nonfinite_states_and_best_models(tmp_path):
 def test_init_from_a_nonfinite_model_is_refused(tmp_path, image_folder):
   from irpe_jax import convert  # pylint: disable=g-import-not-at-top
   config = train_worker.tiny_config(f'folder:{image_folder}')
-  model = train.build_model(config, 3)
+  model = trainer.build_model(config, 3)
   params = model.init(jax.random.key(0), np.zeros((1, 16, 16, 3)),
                       train=False)['params']
   params = jax.tree.map(np.array, params)  # writable copies.
@@ -492,17 +493,17 @@ def test_init_from_a_nonfinite_model_is_refused(tmp_path, image_folder):
   config.init_from = str(tmp_path / 'nan.msgpack')
   with pytest.raises(ValueError, match=r'non-finite values in '
                      r"\['blocks_0/norm1/scale'\]"):
-    train.train_and_evaluate(config, str(tmp_path / 'wd'))
+    trainer.train_and_evaluate(config, str(tmp_path / 'wd'))
 
 
 def test_async_checkpoints_get_their_sums_and_resume(four_device_run,
                                                      image_folder, tmp_path):
   config = train_worker.tiny_config(f'folder:{image_folder}')
   config.async_checkpoints = True
-  train.train_and_evaluate(config, str(tmp_path), stop_at_step=3)
+  trainer.train_and_evaluate(config, str(tmp_path), stop_at_step=3)
   for step in ('2', '3'):
     assert checkpoints.verify_checksums(str(tmp_path / 'checkpoints' / step))
-  out = train.train_and_evaluate(config, str(tmp_path))
+  out = trainer.train_and_evaluate(config, str(tmp_path))
   assert checkpoints.verify_checksums(str(tmp_path / 'checkpoints' / '4'))
   assert_same_params(train_worker.flat_params(out['params']),
                      four_device_run[1]['params'], rtol=1e-6, atol=1e-7)
@@ -513,7 +514,7 @@ def test_async_checkpoints_get_their_sums_and_resume(four_device_run,
 
 def shipped_configs():
   """Every shipped config, with each argument a config file documents."""
-  from experiments.configs import (  # pylint: disable=g-import-not-at-top
+  from experiments.deit.configs import (  # pylint: disable=g-import-not-at-top
       cifar10_tiny, cifar_finetune, deit_ablation, deit_imagenet,
       digits_folder)
   yield cifar10_tiny.get_config()
@@ -526,7 +527,7 @@ def shipped_configs():
 
 
 def test_every_key_of_every_shipped_config_is_described():
-  from experiments.configs import common  # pylint: disable=g-import-not-at-top
+  from experiments.deit.configs import common  # pylint: disable=g-import-not-at-top
   for config in shipped_configs():
     for key, _ in common.flat_items(config):
       assert common.DESCRIPTIONS.get(key), key
@@ -534,12 +535,12 @@ def test_every_key_of_every_shipped_config_is_described():
 
 def test_help_lists_every_config_key_with_its_value_and_meaning():
   out = subprocess.run(
-      [sys.executable, '-m', 'experiments.train', '--help', '--config',
-       'experiments/configs/digits_folder.py'], cwd=REPO, capture_output=True,
-      text=True, timeout=300, check=False)
+      [sys.executable, '-m', 'experiments.deit.train', '--help', '--config',
+       'experiments/deit/configs/digits_folder.py'], cwd=REPO,
+      capture_output=True, text=True, timeout=300, check=False)
   text = out.stdout + out.stderr
   assert '--log_level' in text
-  assert 'values of experiments/configs/digits_folder.py' in text
+  assert 'values of experiments/deit/configs/digits_folder.py' in text
   assert "input.flip = False" in text and 'random horizontal flip' in text
   assert 'optim.reference_batch = 64' in text
 
@@ -549,10 +550,10 @@ def test_a_run_prints_one_line_per_metric_and_no_library_chatter(
   root = logging.getLogger()
   saved = root.handlers[:], root.level
   try:
-    train.configure_logging('info')
+    cli.configure_logging('info')
     config = train_worker.tiny_config(f'folder:{image_folder}')
     config.progress_bar = True
-    train.train_and_evaluate(config, str(tmp_path))
+    trainer.train_and_evaluate(config, str(tmp_path))
   finally:
     logging.captureWarnings(False)
     for handler in root.handlers[:]:
@@ -580,4 +581,4 @@ def test_a_run_prints_one_line_per_metric_and_no_library_chatter(
 
 def test_log_level_is_checked():
   with pytest.raises(ValueError, match="'loud'"):
-    train.configure_logging('loud')
+    cli.configure_logging('loud')

@@ -1,4 +1,4 @@
-"""experiments.transforms: every op at every strength, mode and odd size.
+"""experiments.deit.transforms: every op at every strength, mode and odd size.
 
 Pure numpy and Pillow (no JAX computation), so each case takes microseconds.
 """
@@ -11,8 +11,8 @@ from PIL import Image
 from PIL import ImageOps
 import pytest
 
-from experiments import transforms
-from experiments.configs import common
+from experiments.deit.configs import common
+from experiments.deit import transforms
 
 MODES = {'L': 1, 'RGB': 3, 'RGBA': 4}
 SIZES = [(1, 1), (2, 3), (3, 2), (7, 5), (1, 9), (33, 17)]  # (width, height)
@@ -237,7 +237,7 @@ def test_center_crop_offset_rounds_half_to_even_as_torchvision():
 
 
 def test_predict_preprocesses_with_the_same_center_crop(tmp_path):
-  from experiments import predict  # pylint: disable=g-import-not-at-top
+  from experiments.deit import predict  # pylint: disable=g-import-not-at-top
   image = random_image('RGB', (301, 203))
   image.save(tmp_path / 'x.png')
   np.testing.assert_array_equal(

@@ -16,7 +16,7 @@ import sys
 def tiny_config(dataset: str):
   """The demo config shrunk to a few seconds of CPU: 16px, one block."""
   # pylint: disable-next=g-import-not-at-top
-  from experiments.configs import cifar10_tiny
+  from experiments.deit.configs import cifar10_tiny
   config = cifar10_tiny.get_config()
   config.dataset = dataset
   config.input.batch_size = 8
@@ -64,8 +64,8 @@ def main(argv):
   if args.coordinator:
     jax.distributed.initialize(args.coordinator, args.num_processes,
                                args.process_id)
-  from experiments import train  # pylint: disable=g-import-not-at-top
-  out = train.train_and_evaluate(tiny_config('folder:' + args.folder),
+  from experiments.deit import trainer  # pylint: disable=g-import-not-at-top
+  out = trainer.train_and_evaluate(tiny_config('folder:' + args.folder),
                                  args.workdir)
   np.savez(args.out, **flat_params(out['params']),
            **{f'eval/{k}': v for k, v in out['eval'].items()},

@@ -21,26 +21,27 @@ handwriting neither model saw. Pictures in `OUT`:
 `OUT/{plain,irpe,digits_coco}` are deleted first: each run starts afresh.
 """
 
-import argparse
 import os
 import shutil
 import time
 from typing import Any, Dict, List, Sequence
 
+from absl import flags
 import jax
 import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from experiments.detr.configs import synthetic
 from experiments.detr import data
 from experiments.detr import make_synthetic_coco
 from experiments.detr import pretrain_backbone
 from experiments.detr import steps
-from experiments.detr import train
-from experiments.detr.configs import synthetic
+from experiments.detr import trainer
+from experiments.lib import cli
 from irpe_jax import convert
-from irpe_jax import viz
 from irpe_jax.models import resnet
+from irpe_jax import viz
 
 # (name, the release's --enc_rpe2d)
 MODELS = (('plain', 'plain'), ('irpe', 'rpe-2.0-product-ctx-1-k'))
@@ -75,7 +76,7 @@ def draw_detections(config: Any, variables: Any,
                     examples: Sequence[data.Example], path: str,
                     threshold: float = 0.5) -> None:
   """A strip of canvases, truth in green and detections in red."""
-  model = train.build_model(config)
+  model = trainer.build_model(config)
   batch = _batch(config, examples)
   out = jax.device_get(jax.jit(lambda v, b: steps.predict_step(
       v, b, model=model))(variables, {k: batch[k] for k in (
@@ -115,7 +116,7 @@ def draw_encoder_attention(configs: Dict[str, Any],
   batch = _batch(next(iter(configs.values())), [example])
   maps, grid = {}, None
   for name, config in configs.items():
-    model = train.build_model(config)
+    model = trainer.build_model(config)
     weights = viz.attention_weights(model, variables[name],
                                     batch['images'],
                                     pixel_mask=batch['pixel_mask'])
@@ -160,7 +161,7 @@ def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int,
     config = config_of(arg, root, num_steps, num_train, seed)
     config.backbone_init = backbone_path
     start = time.time()
-    result = train.train_and_evaluate(config, os.path.join(out, name))
+    result = trainer.train_and_evaluate(config, os.path.join(out, name))
     results[name] = dict(result['eval'], seconds=time.time() - start,
                          compiles=result['compiles'])
     configs[name] = config
@@ -179,15 +180,17 @@ def run(out: str, num_steps: int, num_train: int, num_val: int, seed: int,
   return results
 
 
+COMMAND = cli.Command('python -m experiments.detr.demo', __doc__)
+flags.DEFINE_string('out', '/tmp/detr_demo', '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('steps', 4000, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('num_train', 1024, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('num_val', 128, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('seed', 0, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('pretrain_steps', 300, '', flag_values=COMMAND.flags)
+
+
 def main(argv: Sequence[str] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--out', default='/tmp/detr_demo')
-  parser.add_argument('--steps', type=int, default=4000)
-  parser.add_argument('--num_train', type=int, default=1024)
-  parser.add_argument('--num_val', type=int, default=128)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--pretrain_steps', type=int, default=300)
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   results = run(args.out, args.steps, args.num_train, args.num_val,
                 args.seed, args.pretrain_steps)
   backbone = results.pop('backbone')

@@ -16,15 +16,17 @@ tinted, and placed without overlap; its class is the digit (category id
 its box the tight box of its ink.
 """
 
-import argparse
 import functools
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from absl import flags
 import numpy as np
 from PIL import Image
 from sklearn import datasets
+
+from experiments.lib import cli
 
 CANVAS_SIDES = (64, 96, 128)
 NUM_CLASSES = 11  # category ids 1..10 (digit + 1), as DETR counts ids.
@@ -128,8 +130,8 @@ TFDS_SPLITS = {'train': 'train', 'validation': 'val'}
 @functools.cache
 def _tfds_builder_class() -> type:
   # Made on first use: the folder set (the tests, the demo) needs no tfds.
-  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-  tfds = input_pipeline.import_tfds()
+  from experiments.lib import tfds_import  # pylint: disable=g-import-not-at-top
+  tfds = tfds_import.import_tfds()
 
   class SyntheticCoco(tfds.core.GeneratorBasedBuilder,
                       skip_registration=True):
@@ -234,15 +236,19 @@ def make_tfds(root: str, data_dir: str) -> Any:
   return builder
 
 
+COMMAND = cli.Command(
+    'python -m experiments.detr.make_synthetic_coco', __doc__,
+    positional=(('out', 1),))
+flags.DEFINE_integer('num_train', 512, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('num_val', 64, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('seed', 0, '', flag_values=COMMAND.flags)
+flags.DEFINE_string(
+    'tfds_dir', None, f'also write the set as tfds {TFDS_NAME!r} here',
+    flag_values=COMMAND.flags)
+
+
 def main(argv: Sequence[str] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('out', help='folder to write the set to')
-  parser.add_argument('--num_train', type=int, default=512)
-  parser.add_argument('--num_val', type=int, default=64)
-  parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--tfds_dir', default=None,
-                      help=f'also write the set as tfds {TFDS_NAME!r} here')
-  args = parser.parse_args(argv)
+  args = COMMAND.namespace(argv)
   for split, path in make(args.out, args.num_train, args.num_val,
                           args.seed).items():
     print(f'{split}: {path}')

@@ -2,7 +2,7 @@
 
     python -m experiments.detr.predict \
         --checkpoint detr_irpe_rpe-2.0-product-ctx-1-k.pth \
-        --enc-rpe2d rpe-2.0-product-ctx-1-k street.jpg kitchen.png
+        --enc_rpe2d rpe-2.0-product-ctx-1-k street.jpg kitchen.png
 
 The checkpoint may be the release's `.pth` (`{'model': state_dict}`), an
 `.npz` state dict, or a Flax msgpack file of the model's variables. Images
@@ -12,15 +12,15 @@ is printed as `score  label  [x0, y0, x1, y1]` in pixels of the original
 image, best first, down to `--threshold`.
 """
 
-import argparse
 import sys
 from typing import Dict, List, Optional, Sequence
 
+from absl import flags
 import jax
 import numpy as np
 
-from experiments import cli
 from experiments.detr import preprocess
+from experiments.lib import cli
 from irpe_jax import convert
 from irpe_jax import models
 from irpe_jax.models import detr
@@ -51,38 +51,35 @@ def detect(model: models.DETR, variables, paths: Sequence[str],
   return results
 
 
+COMMAND = cli.Command('python -m experiments.detr.predict', __doc__,
+                      positional=(('images', '+'),))
+FLAGS = COMMAND.flags
+flags.DEFINE_string('checkpoint', None, ".pth or .npz of the release, or a "
+                    'Flax msgpack.', flag_values=FLAGS, required=True)
+flags.DEFINE_string('enc_rpe2d', 'rpe-2.0-product-ctx-1-k', "The "
+                    "checkpoint's iRPE, as the release names it ('' for "
+                    'plain DETR).', flag_values=FLAGS)
+flags.DEFINE_float('threshold', 0.7, 'Lowest score printed.',
+                   flag_values=FLAGS)
+flags.DEFINE_integer('size', 800, 'Shorter image side after resizing.',
+                     lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer('max_size', 1333, 'Longest image side after resizing.',
+                     lower_bound=1, flag_values=FLAGS)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m experiments.detr.predict',
-      description=__doc__.split('\n')[0])
-  parser.add_argument('--checkpoint', required=True,
-                      help='.pth or .npz of the release, or a Flax msgpack')
-  parser.add_argument('--enc-rpe2d', default='rpe-2.0-product-ctx-1-k',
-                      help="the checkpoint's iRPE, as the release names it "
-                      "('' for plain DETR)")
-  parser.add_argument('--threshold', type=float, default=0.7,
-                      help='lowest score printed')
-  parser.add_argument('--size', type=cli.positive_int, default=800,
-                      help='shorter image side after resizing')
-  parser.add_argument('--max-size', type=cli.positive_int, default=1333,
-                      help='longest image side after resizing')
-  parser.add_argument('--log_level', default='info', choices=cli.LOG_LEVELS,
-                      help='debug: a traceback for errors')
-  parser.add_argument('images', nargs='+', help='image files')
-  args = parser.parse_args(argv)
-  # One line for an expected error; the traceback with --log_level=debug.
-  with cli.one_line_errors(args.log_level == 'debug'):
-    return predict(args)
+  """The command: `argv` as after `python -m experiments.detr.predict`."""
+  return COMMAND.run(predict, argv)
 
 
-def predict(args: argparse.Namespace) -> int:
-  """Prints the detections of every image of `args`; returns 0."""
-  detr.parse_enc_rpe2d(args.enc_rpe2d)  # A bad string fails before loading.
-  model = models.DETR(enc_rpe2d=args.enc_rpe2d, aux_loss=False)
-  variables = convert.load_params(args.checkpoint, model)
-  results = detect(model, variables, args.images, args.size, args.max_size)
-  for path, found in zip(args.images, results):
-    keep = found['scores'] >= args.threshold
+def predict(images: Sequence[str]) -> int:
+  """Prints the detections of every image file; returns 0."""
+  detr.parse_enc_rpe2d(FLAGS.enc_rpe2d)  # A bad string fails before loading.
+  model = models.DETR(enc_rpe2d=FLAGS.enc_rpe2d, aux_loss=False)
+  variables = convert.load_params(FLAGS.checkpoint, model)
+  results = detect(model, variables, images, FLAGS.size, FLAGS.max_size)
+  for path, found in zip(images, results):
+    keep = found['scores'] >= FLAGS.threshold
     print(f'{path}: {int(keep.sum())} detections')
     for score, label, box in zip(found['scores'][keep], found['labels'][keep],
                                  found['boxes'][keep]):

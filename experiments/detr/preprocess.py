@@ -11,8 +11,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from experiments import image_decode
-from experiments import transforms
+from experiments.lib import image_decode
 
 # COCO's 91 category ids as DETR labels them ('N/A': ids COCO leaves out).
 COCO_CLASSES = (
@@ -65,7 +64,7 @@ def load_image(path: str, size: int = 800, max_size: int = 1333
   height, width = image.height, image.width
   new_height, new_width = resized_size(height, width, size, max_size)
   image = image.resize((new_width, new_height), Image.BILINEAR)
-  return transforms.normalize(image), (height, width)
+  return image_decode.normalize(image), (height, width)
 
 
 def pad_batch(images: Sequence[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:

@@ -15,9 +15,9 @@ as DETR keeps them. The head is dropped; `OUT.msgpack` holds the backbone's
 `config.backbone_init=OUT.msgpack` loads into `experiments.detr.train`.
 """
 
-import argparse
 from typing import Any, Dict, Sequence, Tuple
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,9 @@ import numpy as np
 import optax
 from sklearn import datasets
 
-from experiments import train as deit_train
-from experiments import transforms
 from experiments.detr import make_synthetic_coco
+from experiments.lib import cli
+from experiments.lib import image_decode
 from irpe_jax import convert
 from irpe_jax.models import params as params_lib
 from irpe_jax.models import resnet
@@ -82,7 +82,7 @@ def pretrain(config: Any, num_steps: int, seed: int = 0,
   test_images, test_labels = images[-num_test:], labels[-num_test:]
   images, labels = images[:-num_test], labels[:-num_test]
   # uint8 in memory (a quarter of float32), normalised per batch.
-  test_images = transforms.normalize(test_images)
+  test_images = image_decode.normalize(test_images)
   variables = params_lib.jitted_init(model)(jax.random.key(seed),
                                             test_images[:1])
   tx = optax.adam(lr)
@@ -102,7 +102,7 @@ def pretrain(config: Any, num_steps: int, seed: int = 0,
   for _ in range(num_steps):
     chosen = rng.integers(0, len(images), batch_size)
     params, opt_state = step(params, opt_state,
-                             transforms.normalize(images[chosen]),
+                             image_decode.normalize(images[chosen]),
                              labels[chosen])
   logits = jax.jit(model.apply)({'params': params,
                                  'batch_stats': variables['batch_stats']},
@@ -114,15 +114,19 @@ def pretrain(config: Any, num_steps: int, seed: int = 0,
   return backbone, accuracy
 
 
+COMMAND = cli.Command(
+    'python -m experiments.detr.pretrain_backbone', __doc__,
+    positional=(('out', 1),))
+flags.DEFINE_string(
+    'config', 'experiments/detr/configs/synthetic.py', '',
+    flag_values=COMMAND.flags)
+flags.DEFINE_integer('steps', 400, '', flag_values=COMMAND.flags)
+flags.DEFINE_integer('seed', 0, '', flag_values=COMMAND.flags)
+
+
 def main(argv: Sequence[str] = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('out')
-  parser.add_argument('--config',
-                      default='experiments/detr/configs/synthetic.py')
-  parser.add_argument('--steps', type=int, default=400)
-  parser.add_argument('--seed', type=int, default=0)
-  args = parser.parse_args(argv)
-  config = deit_train.load_config(args.config)
+  args = COMMAND.namespace(argv)
+  config = cli.load_config(args.config)
   backbone, accuracy = pretrain(config, args.steps, args.seed)
   convert.save_params(args.out, backbone)
   print(f'digit accuracy {accuracy:.3f} on 512 held-out canvases; '

@@ -41,7 +41,7 @@ from typing import (Any, Dict, Iterator, List, Optional, Sequence, Tuple,
 import numpy as np
 from PIL import Image
 
-from experiments import image_decode
+from experiments.lib import image_decode
 
 Example = Dict[str, np.ndarray]
 
@@ -659,8 +659,8 @@ class TfdsCocoSource(_Source):
   def __init__(self, name: str, split: str, data_dir: Optional[str] = None,
                category_ids: Optional[Sequence[int]] = None,
                num_classes: Optional[int] = None):
-    from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
-    tfds = self._tfds = input_pipeline.import_tfds()
+    from experiments.lib import tfds_import  # pylint: disable=g-import-not-at-top
+    tfds = self._tfds = tfds_import.import_tfds()
     self.name, self.split, self.data_dir = name, split, data_dir
     self._source = tfds.data_source(name, split=split, data_dir=data_dir,
                                     download=False)
@@ -768,6 +768,26 @@ class TfdsCocoSource(_Source):
 
 def _text(value: Any) -> str:
   return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def image_sizes(examples: Sequence[Any]) -> Optional[np.ndarray]:
+  """`(N, 2)` heights and widths of a split's images, known without decoding.
+
+  A COCO folder's from its json (when every image states both), an
+  in-memory list's from its arrays; None for a source that would have to
+  read every image to say (tfds: the batches are then not grouped by
+  orientation).
+  """
+  if isinstance(examples, CocoFolderSource):
+    if not all(isinstance(i.get('height'), int) and isinstance(
+        i.get('width'), int) for i in examples.images):
+      return None
+    return np.array([[i['height'], i['width']] for i in examples.images],
+                    np.int64).reshape(-1, 2)
+  if isinstance(examples, (list, tuple)):
+    return np.array([e['image'].shape[:2] for e in examples],
+                    np.int64).reshape(-1, 2)
+  return None
 
 
 def open_split(data_config: Any, which: str,

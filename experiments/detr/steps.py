@@ -1,8 +1,8 @@
-"""DETR's training and prediction steps, on the state of `experiments.steps`.
+"""DETR's training and prediction steps, on the state every project keeps.
 
-The state is the DeiT one (`step`, `params`, `opt_state`, `rng`,
-`nonfinite_steps`; see `experiments.steps`) plus `batch_stats`, the frozen
-batch norm of the backbone, so that `experiments.checkpoints` saves and
+The state is `experiments.lib.train_state`'s (`step`, `params`,
+`opt_state`, `rng`, `nonfinite_steps`) plus `batch_stats`, the frozen
+batch norm of the backbone, so that `experiments.lib.checkpoints` saves and
 verifies it unchanged. A `DetrRecipe` is the release's optimiser: AdamW,
 the backbone at its own learning rate with its stem and `layer1` frozen,
 gradient clipping, and a step decay of the learning rate.
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from experiments import steps as base_steps
+from experiments.lib import train_state
 from irpe_jax.models import detr
 from irpe_jax.models import detr_criterion
 from irpe_jax.models import detr_postprocess
@@ -93,7 +93,7 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
                recipe: DetrRecipe) -> Tuple[State, Dict[str, jax.Array]]:
   """One step of the release's recipe on the set losses of every layer.
 
-  As in `experiments.steps.train_step` (`guarded_update`), a step whose
+  As in `experiments.deit.steps.train_step` (`guarded_update`), a step whose
   loss or gradient norm is not finite is not applied: it only advances
   `step` and counts itself in `nonfinite_steps`.
 
@@ -124,7 +124,7 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
 
   (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state['params'])
-  params, opt_state, grad_norm, nonfinite_steps = base_steps.guarded_update(
+  params, opt_state, grad_norm, nonfinite_steps = train_state.guarded_update(
       state, loss, grads, tx)
   new_state = dict(state, step=state['step'] + 1, params=params,
                    opt_state=opt_state, nonfinite_steps=nonfinite_steps)

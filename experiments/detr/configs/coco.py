@@ -64,6 +64,9 @@ def get_config(arg: str = 'rpe-2.0-product-ctx-1-k'
       'num_threads': 4,
       # Padded batch sides: at most len(pad_sides) ** 2 compiled steps.
       'pad_sides': (512, 640, 800, 1024, 1344),
+      # Landscape images batched with landscape ones, portrait with
+      # portrait (Detectron2's aspect-ratio grouping): less padding.
+      'group_by_orientation': True,
       'max_objects': 100,            # <= num_queries; COCO's most is 93.
   })
   config.model = ml_collections.ConfigDict({

@@ -1,0 +1,1 @@
+"""Benchmarks of the lookups, the DeiT and DETR steps, and their report."""

@@ -1,0 +1,1 @@
+"""DeiT with iRPE: training, evaluation, prediction, demos and datasets."""

@@ -1,0 +1,1 @@
+"""Machinery every experiment shares: checkpoints, metrics, CLI, the loop."""
