@@ -129,33 +129,50 @@ def rpe_lookup(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
   if x.ndim != 4:
     raise ValueError(f'x must have rank 4 (B, H, L, D) or (B, H, L, L), got '
                      f'shape {x.shape}.')
-  num_heads, length = x.shape[1], x.shape[2]
+  length = x.shape[2]
   if x_tokens_last and not for_qk:
     raise ValueError('x_tokens_last=True needs a q/k table (for_qk=True); '
                      'the v encoding (B, H, L, D) has no (L, L) axes.')
   if not for_qk and x.shape[3] != length:
     raise ValueError(f'rpe on v takes attention weights (B, H, L, L), got '
                      f'shape {x.shape}.')
+  ids = _geometry_of_table(x, table, config, method, for_qk, height, width)
+  if (config.mode if mode is None else mode) == 'bias':
+    return ops.bias_encoding(table, ids, impl, x_tokens_last).astype(x.dtype)
+  table = _scaled(table, scale, x)
+  if for_qk:
+    _check_head_dim(x, table)
+    return ops.contextual_qk_encoding(x, table, ids, impl, x_tokens_last)
+  return ops.contextual_v_encoding(x, table, ids, impl)
+
+
+def _geometry_of_table(x, table, config, method, for_qk, height, width
+                       ) -> buckets.BucketGeometry:
+  """Checks the table's heads against `x (B, H, L, .)`; its geometry."""
+  num_heads, length = x.shape[1], x.shape[2]
   if table.shape[0] not in (1, num_heads):
     raise ValueError(f'The table has {table.shape[0]} heads; the input has '
                      f'{num_heads} (expected 1 for a shared table or '
                      f'{num_heads}).')
-  mode = config.mode if mode is None else mode
   num_buckets = table.shape[-1 if for_qk else 1]
-  ids = bucket_ids_for(config, method, num_buckets, length, height, width)
-  if mode == 'bias':
-    return ops.bias_encoding(table, ids, impl, x_tokens_last).astype(x.dtype)
-  # The table stays in its own dtype: the lookup computes in x's and
-  # accumulates the table's gradient in float32 (see `irpe_jax.ops`).
-  if scale is not None:
-    table = table * jnp.asarray(scale,
-                                jnp.promote_types(table.dtype, x.dtype))
-  if for_qk:
-    if table.shape[1] != x.shape[3]:
-      raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '
-                       f'expects {table.shape[1]}.')
-    return ops.contextual_qk_encoding(x, table, ids, impl, x_tokens_last)
-  return ops.contextual_v_encoding(x, table, ids, impl)
+  return bucket_ids_for(config, method, num_buckets, length, height, width)
+
+
+def _scaled(table, scale, x):
+  """The contextual table times `scale` (None: as is), in its own dtype.
+
+  The lookup computes in x's dtype and accumulates the table's gradient in
+  float32 (see `irpe_jax.ops`).
+  """
+  if scale is None:
+    return table
+  return table * jnp.asarray(scale, jnp.promote_types(table.dtype, x.dtype))
+
+
+def _check_head_dim(x, table):
+  if table.shape[1] != x.shape[3]:
+    raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '
+                     f'expects {table.shape[1]}.')
 
 
 class RPETerm(NamedTuple):
@@ -191,26 +208,15 @@ def rpe_term(x: jax.Array, table: jax.Array, *, config: SingleRPEConfig,
   if x.ndim != 4:
     raise ValueError(f'x must have rank 4 (B, H, L, D), got shape '
                      f'{x.shape}.')
-  num_heads, length = x.shape[1], x.shape[2]
-  if table.shape[0] not in (1, num_heads):
-    raise ValueError(f'The table has {table.shape[0]} heads; the input has '
-                     f'{num_heads} (expected 1 for a shared table or '
-                     f'{num_heads}).')
-  mode = config.mode if mode is None else mode
-  num_buckets = table.shape[-1 if for_qk else 1]
-  geometry = bucket_ids_for(config, method, num_buckets, length, height,
-                            width)
+  geometry = _geometry_of_table(x, table, config, method, for_qk, height,
+                                width)
   if not for_qk:
     if table.shape[2] != x.shape[3]:
       raise ValueError(f'head_dim of the values is {x.shape[3]}, the v '
                        f'table expects {table.shape[2]}.')
     return RPETerm(table, geometry, False)
-  if mode == 'bias':
+  if (config.mode if mode is None else mode) == 'bias':
     return RPETerm(table, geometry, True)
-  if table.shape[1] != x.shape[3]:
-    raise ValueError(f'head_dim of the input is {x.shape[3]}, the table '
-                     f'expects {table.shape[1]}.')
-  if scale is not None:
-    table = table * jnp.asarray(scale,
-                                jnp.promote_types(table.dtype, x.dtype))
-  return RPETerm(ops.head_matmul(x, table), geometry, True)
+  _check_head_dim(x, table)
+  return RPETerm(ops.head_matmul(x, _scaled(table, scale, x)), geometry,
+                 True)

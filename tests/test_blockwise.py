@@ -54,7 +54,7 @@ def _single(case):
                          rpe_k=cfg if case['rpe_on'] == 'k' else None,
                          rpe_v=cfg if case['rpe_on'] == 'v' else None),
       head_dim=case['head_dim'], num_heads=case['num_heads'])
-  return dict(zip(('rpe_q', 'rpe_k', 'rpe_v'), rpes))
+  return dict(zip(RPE_NAMES, rpes))
 
 
 def _assert_trees_close(actual, expected, rtol=RTOL):
@@ -76,9 +76,7 @@ def _module_case_fn(case_key):
   height, width = case['height'], case['width']
 
   def loss(impl, params, q, k, v, cotangent):
-    bound = {name: None if module is None else _Bound(
-        functools.partial(module.apply, {'params': params}))
-             for name, module in modules.items()}
+    bound = _bound(modules, {name: {'params': params} for name in modules})
     out = attention_lib.attention_with_rpe(
         q, k, v, scale=0.37, height=height, width=width, attention_impl=impl,
         **BLOCKS, **bound)
@@ -89,15 +87,22 @@ def _module_case_fn(case_key):
   return jax.jit(lambda *a: (grad('materialized')(*a), grad('blockwise')(*a)))
 
 
-class _Bound:
-  """A module's bound `apply`, marked as returning terms."""
-  returns_terms = True
+RPE_NAMES = ('rpe_q', 'rpe_k', 'rpe_v')
 
-  def __init__(self, fn):
-    self._fn = fn
 
-  def __call__(self, *args, **kwargs):
-    return self._fn(*args, **kwargs)
+def _bound(modules, variables):
+  """The rpe modules' `apply`s with their variables, for attention_with_rpe.
+
+  `modules` and `variables` map rpe names to modules (or None) and to
+  their variables. Marked as the modules are, so the blockwise path may
+  call them with `as_term=True`.
+  """
+  bound = {}
+  for name, module in modules.items():
+    if module is not None:
+      bound[name] = functools.partial(module.apply, variables[name])
+      bound[name].returns_terms = True
+  return bound
 
 
 @pytest.mark.parametrize('case,arrays', MODULE_CASES,
@@ -239,13 +244,11 @@ def test_random_configs_blockwise_equals_materialized(draw):
   variables = {name: module.init(keys[5], q if name != 'rpe_v' else
                                  jnp.ones((b, h, n, n)), draw['height'],
                                  draw['width'])
-               for name, module in zip(('rpe_q', 'rpe_k', 'rpe_v'), rpes)
+               for name, module in zip(RPE_NAMES, rpes)
                if module is not None}
 
   def loss(impl, variables, q, k, v):
-    bound = {name: _Bound(functools.partial(module.apply, variables[name]))
-             for name, module in zip(('rpe_q', 'rpe_k', 'rpe_v'), rpes)
-             if module is not None}
+    bound = _bound(dict(zip(RPE_NAMES, rpes)), variables)
     out = attention_lib.attention_with_rpe(
         q, k, v, scale=d ** -0.5, mask=mask, height=draw['height'],
         width=draw['width'], attention_impl=impl, block_q=draw['block_q'],
@@ -314,9 +317,9 @@ def test_dropout_is_the_materialized_dropout_with_the_block_masks():
   cotangent = jax.random.normal(jax.random.key(2), q.shape)
 
   def loss(impl, params, q, k, v, dropout=True):
-    bound = {name: _Bound(functools.partial(
-        module.apply, {'params': params['params'][name]}))
-             for name, module in zip(('rpe_q', 'rpe_k', 'rpe_v'), rpes)}
+    bound = _bound(dict(zip(RPE_NAMES, rpes)),
+                   {name: {'params': params['params'][name]}
+                    for name in RPE_NAMES})
     kwargs = dict(dropout_rate=rate, dropout_rng=rng) if (
         impl == 'blockwise') else dict(
             dropout=lambda w: jnp.where(keep, w / (1 - rate), 0.0))
@@ -442,7 +445,7 @@ def test_blockwise_temporaries_at_4097_tokens_are_below_an_eighth_of_a_map(
   length, side, heads, dim = 4097, 64, 8, 32
   cfg = irpe_jax.get_rpe_config(ratio=1.9, method='product', mode='ctx',
                                 shared_head=True, skip=1, rpe_on=rpe_on)
-  rpes = dict(zip(('rpe_q', 'rpe_k', 'rpe_v'),
+  rpes = dict(zip(RPE_NAMES,
                   irpe_jax.build_rpe(cfg, dim, heads)))
   x = jax.ShapeDtypeStruct((1, heads, length, dim), jnp.float32)
   weights = jax.ShapeDtypeStruct((1, heads, length, length), jnp.float32)
@@ -452,8 +455,7 @@ def test_blockwise_temporaries_at_4097_tokens_are_below_an_eighth_of_a_map(
                for name, m in rpes.items() if m is not None}
 
   def loss(variables, q, k, v, cotangent):
-    bound = {name: _Bound(functools.partial(m.apply, variables[name]))
-             for name, m in rpes.items() if m is not None}
+    bound = _bound(rpes, variables)
     out = attention_lib.attention_with_rpe(
         q, k, v, scale=dim ** -0.5, height=side, width=side,
         attention_impl='blockwise', **bound)
@@ -479,11 +481,10 @@ def test_sharded_over_batch_and_heads_and_no_recompilation():
   variables = {name: m.init(jax.random.key(5), q if name != 'rpe_v' else
                             jnp.ones((batch, heads, length, length)), side,
                             side)
-               for name, m in zip(('rpe_q', 'rpe_k', 'rpe_v'), rpes)}
+               for name, m in zip(RPE_NAMES, rpes)}
 
   def out(variables, q, k, v):
-    bound = {name: _Bound(functools.partial(m.apply, variables[name]))
-             for name, m in zip(('rpe_q', 'rpe_k', 'rpe_v'), rpes)}
+    bound = _bound(dict(zip(RPE_NAMES, rpes)), variables)
     return attention_lib.attention_with_rpe(
         q, k, v, scale=0.3, height=side, width=side,
         attention_impl='blockwise', block_q=8, block_k=8, **bound)
