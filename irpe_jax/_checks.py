@@ -44,3 +44,20 @@ def check_number(name: str, value, *, minimum: Optional[float] = None,
   if maximum is not None and value > maximum:
     raise ValueError(f'{name} must be <= {maximum}, got {value}.')
   return value
+
+
+def check_mask(mask, shape) -> None:
+  """Raises unless `mask` is None, or boolean and broadcastable to `shape`.
+
+  `shape` is `(B, H, Lq, Lk)`; True marks a (query, key) pair to attend.
+  """
+  if mask is None:
+    return
+  if mask.dtype != bool:
+    raise TypeError(f'mask must be boolean (True = attend), got dtype '
+                    f'{mask.dtype}.')
+  shape = tuple(shape)
+  if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, shape)):
+    raise ValueError(f'mask of shape {mask.shape} does not broadcast to '
+                     f'(B, H, Lq, Lk) = {shape}; for key padding pass '
+                     f'mask[:, None, None, :].')

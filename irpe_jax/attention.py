@@ -68,16 +68,7 @@ def _row_major(x: jax.Array) -> jax.Array:
 def check_mask(mask: Optional[jax.Array], batch: int, num_heads: int,
                length: int) -> None:
   """Raises unless `mask` is boolean and broadcastable to `(B, H, L, L)`."""
-  if mask is None:
-    return
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f'mask must be boolean (True = attend), got dtype '
-                    f'{mask.dtype}.')
-  target = (batch, num_heads, length, length)
-  if mask.ndim != 4 or any(m not in (1, t) for m, t in zip(mask.shape, target)):
-    raise ValueError(f'mask of shape {mask.shape} does not broadcast to '
-                     f'(B, H, L, L) = {target}; for key padding pass '
-                     f'mask[:, None, None, :].')
+  _checks.check_mask(mask, (batch, num_heads, length, length))
 
 
 def resolve_attention_impl(attention_impl: str, length: int,

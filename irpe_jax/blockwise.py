@@ -507,19 +507,6 @@ def _check_term(index: int, term: LogitTerm, batch: int, heads: int,
                      f'(Ht, nb) bias table.')
 
 
-def _check_mask(mask, shape):
-  """Raises unless the mask is boolean and broadcasts to `shape`."""
-  if mask is None:
-    return
-  if mask.dtype != jnp.bool_:
-    raise TypeError(f'mask must be boolean (True = attend), got dtype '
-                    f'{mask.dtype}.')
-  if mask.ndim != 4 or any(a not in (1, b) for a, b in zip(mask.shape,
-                                                           shape)):
-    raise ValueError(f'mask of shape {mask.shape} does not broadcast to '
-                     f'(B, H, Lq, Lk) = {shape}.')
-
-
 def blockwise_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *,
     logit_terms: Sequence[LogitTerm] = (),
@@ -587,7 +574,7 @@ def blockwise_attention(
                   for t in logit_terms),
       value_geometries=value_geometries, dropout_rate=float(dropout_rate),
       query_length=lq, key_length=lk)
-  _check_mask(mask, (batch, heads, lq, lk))
+  _checks.check_mask(mask, (batch, heads, lq, lk))
   rng = dropout_rng if dropout_rate else None
   out, sums = _attention(plan, q, k, v, [t.z for t in logit_terms], mask,
                          rng)
