@@ -18,6 +18,7 @@ import pytest
 
 import irpe_jax
 from irpe_jax import attention as attention_lib
+from irpe_jax import _row_lookup
 from irpe_jax import blockwise
 from irpe_jax import buckets
 from irpe_jax import nnx as irpe_nnx
@@ -277,36 +278,86 @@ def test_block_ids_equal_the_geometry_ids():
     assert (ids[:, g.length:] == g.num_buckets - 1).all()
 
 
-def _qkv_setup(length_side=4, skip=1, batch=2, heads=2, dim=8):
+def test_row_lookup_equals_the_gather_at_the_geometry_ids():
+  for method, height, width, skip in (('product', 5, 7, 1), ('euc', 6, 4, 0),
+                                      ('cross_rows', 4, 5, 2),
+                                      ('quant', 3, 9, 1)):
+    g = buckets.get_bucket_geometry(method, height, width, skip, 1.9, 3.8,
+                                    15.2)
+    z = jax.random.normal(jax.random.key(0), (2, 3, g.length, g.num_buckets))
+    # Every query, and a block of queries that starts mid-row.
+    for q_tokens in (np.arange(g.length), np.arange(2, 2 + width + 3)):
+      lookup = _row_lookup.RowLookup(g, jnp.asarray(q_tokens, jnp.int32),
+                                     z[:, :, q_tokens])
+      for first_row, rows in ((0, height), (1, 2), (height - 1, 1)):
+        keys = skip + first_row * width + np.arange(rows * width)
+        want = np.take_along_axis(np.asarray(z)[:, :, q_tokens],
+                                  g.ids[q_tokens][:, keys][None, None], -1)
+        np.testing.assert_array_equal(lookup(jnp.int32(first_row), rows),
+                                      want)
+
+
+def test_key_blocks_are_grid_rows_with_rpe_k_and_tokens_otherwise():
+  g = buckets.get_bucket_geometry('product', 6, 5, 1, 1.9, 3.8, 15.2)
+  rpe_k, rpe_q = (g, False, True), (g, True, True)
+  plan = blockwise._plan_key_blocks
+  # The skip token, then blocks of round(12 / 5) = 2 rows.
+  assert plan(12, 31, (rpe_q, rpe_k)) == (
+      blockwise._KeyBlocks(0, 1, 1, 0), blockwise._KeyBlocks(1, 30, 10, 1, 2))
+  assert plan(12, 31, (rpe_q,)) == (blockwise._KeyBlocks(0, 31, 12, 0),)
+  # Rows over 8 blocks wide stay token blocks.
+  wide = buckets.get_bucket_geometry('product', 1, 17, 0, 1.9, 3.8, 15.2)
+  assert plan(2, 17, ((wide, False, True),)) == (
+      blockwise._KeyBlocks(0, 17, 2, 0),)
+
+
+def _qkv_setup(length_side=4, skip=1, batch=2, heads=2, dim=8, rpe_on='qkv'):
   cfg = irpe_jax.get_rpe_config(ratio=1.9, method='product', mode='ctx',
-                                shared_head=False, skip=skip, rpe_on='qkv')
+                                shared_head=False, skip=skip, rpe_on=rpe_on)
   length = skip + length_side * length_side
   x = jax.random.normal(jax.random.key(3), (batch, length, heads * dim))
   return cfg, x, length_side
 
 
-def test_dropout_is_the_materialized_dropout_with_the_block_masks():
-  """Forward and backward draw the same per-block masks."""
-  cfg, x, side = _qkv_setup()
+def _block_dropout_masks(plan, rng, batch, heads):
+  """The `(B, H, L, L)` keep mask blockwise attention draws, from its
+  per-block draws."""
+  length, block_q = plan.query_length, plan.block_q
+  keep = np.zeros((batch, heads, length, length), bool)
+  for qi in range(-(-length // block_q)):
+    # The last block ends at L; its rows and keys before i * block belong
+    # to the block before.
+    q0 = min(qi * block_q, length - block_q)
+    rows = slice(qi * block_q - q0, block_q)
+    for blocks in plan.key_blocks:
+      for kj in range(-(-blocks.length // blocks.block)):
+        k0 = blocks.first + min(kj * blocks.block,
+                                blocks.length - blocks.block)
+        k_first = blocks.first + kj * blocks.block
+        block = np.asarray(blockwise._dropout_keep(
+            plan, rng, qi, blocks.index + kj,
+            (batch, heads, block_q, blocks.block)))
+        keep[:, :, qi * block_q:q0 + block_q, k_first:k0 + blocks.block] = (
+            block[:, :, rows, k_first - k0:])
+  return keep
+
+
+@pytest.mark.parametrize('rpe_on, grid_rows', [('qkv', 2), ('qv', 0)])
+def test_dropout_is_the_materialized_dropout_with_the_block_masks(
+    rpe_on, grid_rows):
+  """Forward and backward draw the same per-block masks, on key blocks of
+  grid rows (with rpe_k) and of tokens."""
+  cfg, x, side = _qkv_setup(rpe_on=rpe_on)
   rate, rng = 0.3, jax.random.key(7)
   batch, length = x.shape[:2]
-  block_q, block_k = 8, 16
-  plan = blockwise._Plan(block_q, block_k, (), (), rate, length, length)
-  num_q, num_k = -(-length // block_q), -(-length // block_k)
-  keep = np.zeros((batch, 2, length, length), bool)
-  draw_block = jax.jit(lambda qi, kj: blockwise._dropout_keep(
-      plan, rng, qi, kj, (batch, 2, block_q, block_k)))
-  for qi in range(num_q):
-    for kj in range(num_k):
-      # The last block ends at L; its rows and keys before i * block belong
-      # to the block before.
-      q0, k0 = min(qi * block_q, length - block_q), min(
-          kj * block_k, length - block_k)
-      block = np.asarray(draw_block(qi, kj))
-      rows = slice(qi * block_q - q0, block_q)
-      cols = slice(kj * block_k - k0, block_k)
-      keep[:, :, qi * block_q:q0 + block_q, kj * block_k:k0 + block_k] = (
-          block[:, :, rows, cols])
+  block_q, block_k = 8, 8
+  geometry = buckets.get_bucket_geometry('product', side, side, 1, 1.9, 3.8,
+                                         15.2)
+  terms = ((geometry, False, True),) if 'k' in rpe_on else ()
+  plan = blockwise._Plan(block_q, (), (), rate, length,
+                         blockwise._plan_key_blocks(block_k, length, terms))
+  assert plan.key_blocks[-1].grid_rows == grid_rows
+  keep = _block_dropout_masks(plan, rng, batch, 2)
   heads, dim = 2, x.shape[-1] // 2
   module = irpe_jax.IRPEAttention(num_heads=heads, rpe_config=cfg,
                                   table_init=jax.nn.initializers.normal(1.0))
@@ -318,7 +369,7 @@ def test_dropout_is_the_materialized_dropout_with_the_block_masks():
 
   def loss(impl, params, q, k, v, dropout=True):
     bound = _bound(dict(zip(RPE_NAMES, rpes)),
-                   {name: {'params': params['params'][name]}
+                   {name: {'params': params['params'].get(name)}
                     for name in RPE_NAMES})
     kwargs = dict(dropout_rate=rate, dropout_rng=rng) if (
         impl == 'blockwise') else dict(
