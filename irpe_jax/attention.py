@@ -27,16 +27,16 @@ from irpe_jax import ops
 ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise')
 # Where 'auto' switches to blockwise attention, in tokens, per platform
 # (`jax.default_backend()` when the call is traced). On CPU, measured with
-# `python -m experiments.bench_flash` (B = 1, H = 8, D = 32, forward and
-# backward, a shared 2-core CPU, jax 0.12; several runs): blockwise iRPE-QKV
-# takes 1.1-1.8x the materialised time at L = 1025 and 0.73-0.91x at 4097,
-# iRPE-K 1.4-1.6x and 1.06-1.24x; at 16385 only blockwise runs (the
-# materialised path would need over 24 GB). From 4096 tokens 'auto' takes
-# blockwise: QKV is faster there, K within a quarter, and both use 1/20 to
-# 1/50 of the memory (iRPE-K 29 MiB against 1551 MiB of temporaries).
-# DeiT-S (L = 197) stays materialised, as fast as before. Below 4096 the
-# materialised path's memory still grows as L^2: pass
-# attention_impl='blockwise' where memory, not speed, is the limit.
+# `python -m experiments.benchmarks.bench_flash` (B = 1, H = 8, D = 32,
+# forward and backward, a shared 2-core CPU, jax 0.12): by median time,
+# blockwise takes 1.25x (iRPE-K) and 1.03x (iRPE-QKV) the materialised time
+# at L = 1025, and 0.98x and 0.81x at 4097; at 16385 only blockwise runs
+# (the materialised path would need over 24 GB). From 4096 tokens 'auto'
+# takes blockwise: as fast or faster, with 1/50 (K) and 1/48 (QKV) of the
+# temporaries (29 against 1551 MiB for iRPE-K). DeiT-S (L = 197) stays
+# materialised, as fast as before. Below 4096 the materialised path's
+# memory still grows as L^2: pass attention_impl='blockwise' where memory,
+# not speed, is the limit.
 # On GPU and TPU, reasoned until measured (part 2 of the work adds fused
 # kernels there): the materialised path runs as a few large fused XLA ops,
 # fast while its (B, H, L, L) arrays fit, and a loop of small blocks pays a
