@@ -365,6 +365,7 @@ def init_variables(model: DETR, rng: jax.Array,
       to train from as the release does.
 
   Returns:
+    The model's variables,
     `{'params': ..., 'batch_stats': ...}`.
   """
   inputs = [jnp.zeros(x.shape, x.dtype) for x in model.example_inputs()]

@@ -77,11 +77,12 @@ def jitted_init(model: nn.Module) -> Callable[..., Any]:
   return init
 
 def expected_variables(model: nn.Module) -> Dict[str, Params]:
-  """Every collection of a model, as `jax.ShapeDtypeStruct`s.
+  """Every collection of a model, as `jax.ShapeDtypeStruct` values.
 
   Nothing is initialised or allocated (`jax.eval_shape`).
 
   Returns:
+    The variables,
     `{'params': ...}`, plus 'batch_stats' for DETR's frozen batch norm.
   """
   variables = jax.eval_shape(model.init, jax.random.key(0),
@@ -90,7 +91,7 @@ def expected_variables(model: nn.Module) -> Dict[str, Params]:
 
 
 def expected_params(model: nn.Module) -> Params:
-  """The params of a model, as `jax.ShapeDtypeStruct`s.
+  """The params of a model, as `jax.ShapeDtypeStruct` values.
 
   Nothing is initialised or allocated (`jax.eval_shape`).
 
@@ -122,18 +123,18 @@ def check_params(params: Mapping[str, Any],
   """Checks a param tree against a model's, and casts it to its dtypes.
 
   Args:
-    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct`s); a
+    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct` values); a
       `{'params': ...}` wrapper is accepted too.
     expected: a model (see `expected_params`; a model with several
       collections, DETR, is compared on its whole variables), or the params
-      (or variables) it expects (arrays or `jax.ShapeDtypeStruct`s).
+      (or variables) it expects (arrays or `jax.ShapeDtypeStruct` values).
     describe: how errors name a param, `(path, shape) -> (name, shape)`;
       by default its Flax path and shape. A converter passes the names and
       layout of its file format.
 
   Returns:
     `params` with every array cast to the dtype of its expected param
-    (`ShapeDtypeStruct`s are kept), nested as `expected`.
+    (`ShapeDtypeStruct` values are kept), nested as `expected`.
 
   Raises:
     ValueError: listing every missing, unexpected and wrongly shaped param
