@@ -6,7 +6,6 @@ The one definition lives with the hostile-input replay, which checks the same;
 
 import pathlib
 
-from experiments.hostile_inputs import snapshot  # pylint: disable=unused-import
 
 
 def flip_a_byte(step_dir: pathlib.Path) -> None:

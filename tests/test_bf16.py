@@ -31,7 +31,6 @@ from irpe_jax import config as config_lib
 from irpe_jax import linen as irpe_linen
 from irpe_jax import models
 from irpe_jax import nnx as irpe_nnx
-from irpe_jax import ops
 
 U = 2.0 ** -8  # unit roundoff of bf16
 EPS32 = 2.0 ** -24  # unit roundoff of float32

@@ -13,7 +13,6 @@ from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from experiments.lib import train_state
