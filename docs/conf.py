@@ -1,4 +1,4 @@
-"""Sphinx configuration of the irpe_jax documentation (scripts/docs.sh builds it)."""
+"""Sphinx configuration of the irpe_jax docs (scripts/docs.sh builds them)."""
 
 import os
 import sys

@@ -1,12 +1,14 @@
 """Converts the release's PyTorch DeiT and DETR checkpoints to Flax and back.
 
 Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
-`params['blocks_3']['attn']['rpe_k']['lookup_table_weight']`. Layouts, PyTorch -> Flax:
+`params['blocks_3']['attn']['rpe_k']['lookup_table_weight']`. Layouts,
+PyTorch -> Flax:
 
 - Linear `weight (O, I)` -> Dense `kernel (I, O)` (transposed)
 - Conv2d `weight (O, I, kh, kw)` -> Conv `kernel (kh, kw, I, O)`
 - LayerNorm `weight (C,)` -> LayerNorm `scale (C,)`
-- MultiheadAttention `in_proj_weight (3C, C)`, `in_proj_bias` -> `qkv/kernel (C, 3C)`, `qkv/bias`
+- MultiheadAttention `in_proj_weight (3C, C)`, `in_proj_bias` ->
+  `qkv/kernel (C, 3C)`, `qkv/bias`
 - MultiheadAttention `out_proj` -> `proj`
 - Embedding (`query_embed`) `weight (N, C)` -> `embedding (N, C)`
 - batch norm `running_mean`, `running_var` -> `mean`, `var`
@@ -16,9 +18,10 @@ MultiheadAttention is any module named `self_attn` or `multihead_attn` (as
 in DETR); IRPEAttention holds its projections so. A state dict has one
 namespace; a model may hold several collections (DETR keeps its frozen batch
 norm in 'batch_stats'). Given a model, each tensor goes to the collection
-that holds its path, and the whole variables dict is returned. A torchvision ResNet state dict (`conv1.weight`, `layer1.0...`,
-`fc.*`) given with a DETR loads into the model's backbone only, without
-`fc` and `num_batches_tracked`, as the release starts training.
+that holds its path, and the whole variables dict is returned. A torchvision
+ResNet state dict (`conv1.weight`, `layer1.0...`, `fc.*`) given with a DETR
+loads into the model's backbone only, without `fc` and `num_batches_tracked`, as
+the release starts training.
 
 Two names that map to one Flax param, or a name that would be both a param
 and a module, are errors. Reading a `.pth` needs no torch and runs no code
@@ -187,18 +190,20 @@ def torch_to_flax(state_dict: Mapping[str, Any],
 
   Args:
     state_dict: tensor name -> array (numpy, or anything `np.asarray`
-      takes; `jax.ShapeDtypeStruct` values pass through), as `model.state_dict()`
-      of the release, or torchvision's ResNet for a DETR `expected`.
+      takes; `jax.ShapeDtypeStruct` values pass through), as
+      `model.state_dict()` of the release, or torchvision's ResNet for a DETR
+      `expected`.
     expected: optional model, or the params it expects (arrays or
-      `jax.ShapeDtypeStruct` values, e.g. `models.expected_params(model)`), or
-      its variables (`{'params': ..., 'batch_stats': ...}`), to check names
+      `jax.ShapeDtypeStruct` values, e.g. `models.expected_params(model)`),
+      or its variables (`{'params': ..., 'batch_stats': ...}`), to check names
       and shapes against and take dtypes from.
 
   Returns:
     The nested `params` dict, as
-    `model.apply({'params': params}, ...)` takes it; given a model with more collections than 'params' (DETR), or its
-    variables, the variables dict `{'params': ..., 'batch_stats': ...}`
-    (for a torchvision ResNet: the backbone's part of it only).
+    `model.apply({'params': params}, ...)` takes it; given a model with
+    more collections than 'params' (DETR), or its variables, the variables dict
+    `{'params': ..., 'batch_stats': ...}` (for a torchvision ResNet: the
+    backbone's part of it only).
 
   Raises:
     ValueError: if two names map to one Flax param, or one name maps to a

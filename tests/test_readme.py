@@ -54,7 +54,8 @@ def page_blocks(page: pathlib.Path) -> List[Block]:
     marker = MARKER.match(previous)
     end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith(
         '```'))
-    blocks.append(Block(name, i + 1, fence.group(1), '\n'.join(lines[i + 1:end]),
+    blocks.append(Block(name, i + 1, fence.group(1),
+                        '\n'.join(lines[i + 1:end]),
                         marker.group(1) if marker else None))
     i = end + 1
   return blocks

@@ -1,4 +1,5 @@
-"""irpe_jax.viz: bucket maps, attention weights and maps, attention by offset."""
+"""irpe_jax.viz: bucket maps, attention weights and maps, attention by offset.
+"""
 
 import subprocess
 import sys

@@ -152,7 +152,8 @@ class Backbone(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array
                ) -> Tuple[jax.Array, jax.Array]:
-    """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`."""
+    """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`.
+    """
     features = resnet.ResNet(resnet.DEPTHS[self.arch], self.dtype,
                              self.param_dtype, self.width, self.dilation,
                              name='body')(images)

@@ -52,11 +52,11 @@ def jitted_init(model: nn.Module) -> Callable[..., Any]:
   compile does: on CPU, LLVM's optimisation of JAX's threefry generator
   takes seconds per parameter shape, against a fraction of a second
   unoptimised (on this project's 2-core CPU, jax 0.12: a tiny DETR's init
-  compiled in 65 s, now 17 s; a small ViT's in 15 s, now 5 s). The values are those of
-  `model.init` within float32 rounding of the normal sampler (the integer
-  random bits are the same). Compiled once per (hashable) model and
-  non-array keyword arguments such as `train=False`, which stay static, so
-  later runs in the process (tests, sweeps) compile nothing.
+  compiled in 65 s, now 17 s; a small ViT's in 15 s, now 5 s). The values
+  are those of `model.init` within float32 rounding of the normal sampler (the
+  integer random bits are the same). Compiled once per (hashable) model and
+  non-array keyword arguments such as `train=False`, which stay static, so later
+  runs in the process (tests, sweeps) compile nothing.
 
   Returns:
     A function called as `model.init`: `(rngs, *args, **kwargs)`. Called
@@ -123,8 +123,8 @@ def check_params(params: Mapping[str, Any],
   """Checks a param tree against a model's, and casts it to its dtypes.
 
   Args:
-    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct` values); a
-      `{'params': ...}` wrapper is accepted too.
+    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct`
+      values); a `{'params': ...}` wrapper is accepted too.
     expected: a model (see `expected_params`; a model with several
       collections, DETR, is compared on its whole variables), or the params
       (or variables) it expects (arrays or `jax.ShapeDtypeStruct` values).
