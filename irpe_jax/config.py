@@ -12,7 +12,8 @@ from irpe_jax import _checks
 from irpe_jax import buckets
 
 MODES = ('bias', 'contextual')
-_MODE_ALIASES = {'bias': 'bias', 'contextual': 'contextual', 'ctx': 'contextual'}
+_MODE_ALIASES = {'bias': 'bias', 'contextual': 'contextual',
+                 'ctx': 'contextual'}
 INDEX_FNS = ('piecewise', 'clip')
 # The ratio the release uses with each method (its DeiT models, and the
 # paper's Table 1).

@@ -1,26 +1,27 @@
 """Converts the release's PyTorch DeiT and DETR checkpoints to Flax and back.
 
 Names map one to one: `blocks.3.attn.rpe_k.lookup_table_weight` is
-`params['blocks_3']['attn']['rpe_k']['lookup_table_weight']`. Layouts:
+`params['blocks_3']['attn']['rpe_k']['lookup_table_weight']`. Layouts,
+PyTorch -> Flax:
 
-| PyTorch | Flax |
-|---|---|
-| Linear `weight (O, I)` | Dense `kernel (I, O)` (transposed) |
-| Conv2d `weight (O, I, kh, kw)` | Conv `kernel (kh, kw, I, O)` |
-| LayerNorm `weight (C,)` | LayerNorm `scale (C,)` |
-| MultiheadAttention `in_proj_weight (3C, C)`, `in_proj_bias` | `qkv/kernel (C, 3C)`, `qkv/bias` |
-| MultiheadAttention `out_proj` | `proj` |
-| Embedding (`query_embed`) `weight (N, C)` | `embedding (N, C)` |
-| batch norm `running_mean`, `running_var` | `mean`, `var` |
-| iRPE `lookup_table_*`, `cls_token`, `pos_embed`, biases | unchanged |
+- Linear `weight (O, I)` -> Dense `kernel (I, O)` (transposed)
+- Conv2d `weight (O, I, kh, kw)` -> Conv `kernel (kh, kw, I, O)`
+- LayerNorm `weight (C,)` -> LayerNorm `scale (C,)`
+- MultiheadAttention `in_proj_weight (3C, C)`, `in_proj_bias` ->
+  `qkv/kernel (C, 3C)`, `qkv/bias`
+- MultiheadAttention `out_proj` -> `proj`
+- Embedding (`query_embed`) `weight (N, C)` -> `embedding (N, C)`
+- batch norm `running_mean`, `running_var` -> `mean`, `var`
+- iRPE `lookup_table_*`, `cls_token`, `pos_embed`, biases -> unchanged
 
 MultiheadAttention is any module named `self_attn` or `multihead_attn` (as
 in DETR); IRPEAttention holds its projections so. A state dict has one
 namespace; a model may hold several collections (DETR keeps its frozen batch
 norm in 'batch_stats'). Given a model, each tensor goes to the collection
-that holds its path, and the whole variables dict is returned. A torchvision ResNet state dict (`conv1.weight`, `layer1.0...`,
-`fc.*`) given with a DETR loads into the model's backbone only, without
-`fc` and `num_batches_tracked`, as the release starts training.
+that holds its path, and the whole variables dict is returned. A torchvision
+ResNet state dict (`conv1.weight`, `layer1.0...`, `fc.*`) given with a DETR
+loads into the model's backbone only, without `fc` and `num_batches_tracked`, as
+the release starts training.
 
 Two names that map to one Flax param, or a name that would be both a param
 and a module, are errors. Reading a `.pth` needs no torch and runs no code
@@ -76,7 +77,7 @@ _TO_FLAX_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}
 
 
 def _transpose(x: Any, axes: Sequence[int]) -> Any:
-  """`np.transpose` that also takes `jax.ShapeDtypeStruct`s."""
+  """`np.transpose` that also takes `jax.ShapeDtypeStruct` values."""
   if isinstance(x, jax.ShapeDtypeStruct):
     return jax.ShapeDtypeStruct(tuple(x.shape[a] for a in axes), x.dtype)
   return np.transpose(np.asarray(x), axes)
@@ -189,18 +190,20 @@ def torch_to_flax(state_dict: Mapping[str, Any],
 
   Args:
     state_dict: tensor name -> array (numpy, or anything `np.asarray`
-      takes; `jax.ShapeDtypeStruct`s pass through), as `model.state_dict()`
-      of the release, or torchvision's ResNet for a DETR `expected`.
+      takes; `jax.ShapeDtypeStruct` values pass through), as
+      `model.state_dict()` of the release, or torchvision's ResNet for a DETR
+      `expected`.
     expected: optional model, or the params it expects (arrays or
-      `jax.ShapeDtypeStruct`s, e.g. `models.expected_params(model)`), or
-      its variables (`{'params': ..., 'batch_stats': ...}`), to check names
+      `jax.ShapeDtypeStruct` values, e.g. `models.expected_params(model)`),
+      or its variables (`{'params': ..., 'batch_stats': ...}`), to check names
       and shapes against and take dtypes from.
 
   Returns:
-    The nested `params` dict for `model.apply({'params': params}, ...)`;
-    given a model with more collections than 'params' (DETR), or its
-    variables, the variables dict `{'params': ..., 'batch_stats': ...}`
-    (for a torchvision ResNet: the backbone's part of it only).
+    The nested `params` dict, as
+    `model.apply({'params': params}, ...)` takes it; given a model with
+    more collections than 'params' (DETR), or its variables, the variables dict
+    `{'params': ..., 'batch_stats': ...}` (for a torchvision ResNet: the
+    backbone's part of it only).
 
   Raises:
     ValueError: if two names map to one Flax param, or one name maps to a
@@ -287,9 +290,10 @@ def flax_to_torch(params: Params) -> Dict[str, Any]:
 
   Args:
     params: the `params` collection (a `{'params': ...}` wrapper is
-      accepted too), or a model's variables `{'params': ...,
-      'batch_stats': ...}`, whose collections share the state dict.
-      Leaves may be arrays or `jax.ShapeDtypeStruct`s.
+      accepted too), or a model's variables
+      `{'params': ..., 'batch_stats': ...}`, whose collections share the
+      state dict.
+      Leaves may be arrays or `jax.ShapeDtypeStruct` values.
 
   Returns:
     Tensor name -> numpy array (or `ShapeDtypeStruct`), in PyTorch layout;
@@ -406,7 +410,7 @@ def load_torch_checkpoint(path: str, model: Optional[nn.Module] = None,
       torchvision's ResNet ImageNet weights.
     model: checks names and shapes against this model (its `img_size` sets
       the expected `pos_embed`).
-    expected: or against these params (arrays or `ShapeDtypeStruct`s).
+    expected: or against these params (arrays or `ShapeDtypeStruct` values).
     max_bytes: the most bytes reading may allocate (default: a few times
       the file's size).
 

@@ -1,5 +1,5 @@
 # Sourced by the other scripts: makes ./.venv with the project installed.
-#   IRPE_EXTRAS  extras to install (default: test,experiments)
+#   IRPE_EXTRAS  extras to install (default: test,experiments,docs,lint)
 #   IRPE_VENV    where the virtual environment lives (default: ./.venv)
 #   IRPE_PYTHON  the interpreter for a new venv (default: 3.12 if present)
 #   IRPE_UNLOCKED=1  install the newest versions setup.cfg allows instead of
@@ -9,7 +9,7 @@
 set -euo pipefail
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${IRPE_VENV:-$repo_root/.venv}"
-extras="${IRPE_EXTRAS:-test,experiments}"
+extras="${IRPE_EXTRAS:-test,experiments,docs,lint}"
 
 source "$repo_root/scripts/pick_python.sh"
 

@@ -10,7 +10,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus):
-  """Says whether the suite passed even under `-qq`, which hides pytest's own line."""
+  """Says whether the suite passed, even under `-qq` (no pytest summary)."""
   config = terminalreporter.config
   if config.get_verbosity() >= -1 or config.option.collectonly:
     return  # pytest prints its own summary line.

@@ -1,4 +1,4 @@
-"""A folder's every file and sub-folder, to show that a reader left it as it was.
+"""A folder's every file and sub-folder, to show a reader left it as it was.
 
 The one definition lives with the hostile-input replay, which checks the same;
 `flip_a_byte` damages a checkpoint step the way a bad disk would.
@@ -6,7 +6,6 @@ The one definition lives with the hostile-input replay, which checks the same;
 
 import pathlib
 
-from experiments.hostile_inputs import snapshot  # pylint: disable=unused-import
 
 
 def flip_a_byte(step_dir: pathlib.Path) -> None:

@@ -31,7 +31,6 @@ from irpe_jax import config as config_lib
 from irpe_jax import linen as irpe_linen
 from irpe_jax import models
 from irpe_jax import nnx as irpe_nnx
-from irpe_jax import ops
 
 U = 2.0 ** -8  # unit roundoff of bf16
 EPS32 = 2.0 ** -24  # unit roundoff of float32
@@ -99,7 +98,7 @@ def test_module_in_bf16_within_derived_bound(front, mode, target, method):
   assert np.max(err / terms) > U / 16
 
 
-# -- the attention block --------------------------------------------------------
+# -- the attention block -------------------------------------------------------
 
 def _abs_lookup(geometry, target, x, table):
   """The lookup of |x| and |table| in float64 (sum|terms| of the encoding)."""
@@ -212,7 +211,7 @@ def test_small_deit_trains_in_bf16():
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
-# -- float32 accumulation of the tables' gradients ------------------------------
+# -- float32 accumulation of the tables' gradients -----------------------------
 
 LONG_HEIGHT = LONG_WIDTH = 32
 LONG_L = 1 + LONG_HEIGHT * LONG_WIDTH  # 1025 tokens, DeiT's class token

@@ -1,4 +1,4 @@
-"""A user's mistake on any command line: one line, a non-zero exit, no traceback.
+"""A user's mistake on any command line: one line, non-zero exit, no traceback.
 
 Config checks are tested in-process; each command line runs as the user
 runs it, `python -m ...` in a fresh process (several at once: each spends

@@ -51,7 +51,8 @@ def test_detr_string():
 @pytest.mark.parametrize('kwargs,error,match', [
     (dict(method='polar'), ValueError, "Unknown method 'polar'"),
     (dict(mode='absolute'), ValueError, "Unknown mode 'absolute'"),
-    (dict(mode='bias', rpe_on='kv'), ValueError, "mode='bias' does not exist on v"),
+    (dict(mode='bias', rpe_on='kv'), ValueError,
+     "mode='bias' does not exist on v"),
     (dict(ratio=0), ValueError, 'ratio must be > 0, got 0'),
     (dict(ratio=-1.5), ValueError, 'ratio must be > 0, got -1.5'),
     (dict(ratio='1.9'), TypeError, 'ratio must be a real number'),

@@ -3,7 +3,8 @@
 The two tests that compile DETR training steps take a minute each on a
 2-core CPU and are marked slow (`-m slow` runs them).
 
-`experiments.benchmarks.bench_detr` counts the compiles of a COCO epoch by replaying
+`experiments.benchmarks.bench_detr` counts the compiles of a COCO epoch by
+replaying
 `data.train_batches` on image sizes alone; these tests pin the replay to
 the real iterator and to the compiles of a real training run, so that the
 count cannot drift from what the loop does.

@@ -1,4 +1,4 @@
-"""experiments.deit.evaluate: top-1/top-5 of a checkpoint on folder and tfds data.
+"""experiments.deit.evaluate: top-1/top-5 of a checkpoint, folder and tfds data.
 
 Each run is checked against a direct computation: every image through the
 eval transform and the model, one at a time, no sharding or padding.

@@ -1,4 +1,4 @@
-"""experiments.deit.input_pipeline and experiments.deit.optim: order, shards, mixing.
+"""experiments.deit.input_pipeline and .optim: order, shards, mixing.
 
 The tfds tests read a dataset prepared offline in a temporary data_dir by a
 real builder (`experiments.deit.make_tfds_dataset`), through `tfds.data_source`
@@ -47,7 +47,7 @@ def make_config(**overrides):
 
 @pytest.fixture(scope='module')
 def tfds_dir(tmp_path_factory) -> pathlib.Path:
-  """A data_dir holding `synthetic_cifar10` (24 train, 10 test), array_record."""
+  """A data_dir holding `synthetic_cifar10` (24 train, 10 test), records."""
   from experiments.deit import make_tfds_dataset  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('tfds')
   make_tfds_dataset.prepare(str(data_dir), num_train=24, num_test=10)

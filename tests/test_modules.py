@@ -323,7 +323,8 @@ def test_bad_input_raises_at_trace_time(build, args, kwargs, error, match):
 
 def test_table_heads_must_match_input_heads():
   module = irpe_jax.IRPE(head_dim=4, num_heads=3, rpe_config=CFG_K.rpe_k)
-  with pytest.raises(ValueError, match='The table has 3 heads; the input has 2'):
+  with pytest.raises(ValueError,
+                     match='The table has 3 heads; the input has 2'):
     _init(module, jnp.zeros((B, 2, N, 4)))
 
 

@@ -121,7 +121,8 @@ def test_detr_attention_matches_release(case, arrays):
     return jnp.sum(y * batch_first(arrays['cotangent'])), y
 
   (_, y), (grads, grad_src) = jax.value_and_grad(
-      loss, argnums=(0, 1), has_aux=True)(params, batch_first(arrays['src_LBE']))
+      loss, argnums=(0, 1), has_aux=True)(
+          params, batch_first(arrays['src_LBE']))
   golden.assert_close(y, batch_first(arrays['y_LBE']), RTOL, 'y')
   golden.assert_close(grad_src, batch_first(arrays['grad_src']), RTOL,
                       'grad_src')

@@ -6,7 +6,6 @@ runs without torch. No test here compiles anything with JAX.
 """
 
 import argparse
-import collections
 import copyreg
 import os
 import pickle

@@ -1,4 +1,6 @@
-"""experiments.deit.train: a few tiny steps on an image folder (tfds: test_input_pipeline).
+"""experiments.deit.train: a few tiny steps on an image folder.
+
+The tfds path is in test_input_pipeline.
 
 Proves what a user scaling up relies on: the same steps give the same
 params on 1 device, on 4 devices and on two processes of 2 devices each; a

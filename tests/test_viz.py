@@ -1,10 +1,10 @@
-"""irpe_jax.viz: bucket maps, attention weights and maps, attention by offset."""
+"""irpe_jax.viz: bucket maps, attention weights and maps, attention by offset.
+"""
 
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 import pytest

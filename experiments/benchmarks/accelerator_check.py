@@ -1,7 +1,7 @@
 r"""Checks and measures irpe_jax on the accelerator at hand, in one report.
 
-  python -m experiments.benchmarks.accelerator_check [--out runs/accelerator_report.md]
-      [--budget 470] [--batch N] [--quick]
+  python -m experiments.benchmarks.accelerator_check \
+      [--out runs/accelerator_report.md] [--budget 470] [--batch N] [--quick]
 
 `scripts/accelerator_check.sh` makes the environment and runs this. Each
 part runs in its own process, under its own time limit and within
@@ -14,9 +14,10 @@ itself:
    the accelerator, float32 matmuls at full precision
    (`JAX_DEFAULT_MATMUL_PRECISION=highest`: parity is a float32 claim; the
    default lets TPUs and recent GPUs round matmul inputs to bf16 or tf32);
-3. `experiments.benchmarks.bench_rpe` at DeiT-S shapes: every impl, float32 and bf16;
-4. `experiments.benchmarks.bench_train`: DeiT-S plain, iRPE-K and iRPE-QKV in float32
-   and bf16, one process each, so that the device's peak memory
+3. `experiments.benchmarks.bench_rpe` at DeiT-S shapes: every impl, float32
+   and bf16;
+4. `experiments.benchmarks.bench_train`: DeiT-S plain, iRPE-K and iRPE-QKV in
+   float32 and bf16, one process each, so that the device's peak memory
    (`memory_stats()['peak_bytes_in_use']`) is the model's own; the batch is
    sized to the device's memory.
 
@@ -257,12 +258,14 @@ def _mib(value: Optional[int]) -> str:
 
 def _train_section(train: Dict[Any, Optional[Dict[str, Any]]],
                    batch: int) -> List[str]:
-  lines = ['## Training step (`experiments.benchmarks.bench_train`, DeiT-S, AdamW)', '',
+  lines = ['## Training step (`experiments.benchmarks.bench_train`, DeiT-S, '
+           'AdamW)', '',
            f'Batch {batch}; one process per row, so the device peak is the '
            "model's own. Overhead against plain DeiT-S of the same dtype, "
            'best step against best step.', '',
            '| model | dtype | images/s | s/step | vs DeiT-S | first step s | '
-           'device peak MiB | XLA peak MiB |', '|---|---|---|---|---|---|---|---|']
+           'device peak MiB | XLA peak MiB |',
+           '|---|---|---|---|---|---|---|---|']
   for (model, dtype), data in train.items():
     label = bench_train.MODEL_KEYS[model]
     row = (data or {}).get('models', {}).get(label)
@@ -271,8 +274,9 @@ def _train_section(train: Dict[Any, Optional[Dict[str, Any]]],
       continue
     base = ((train.get(('plain', dtype)) or {}).get('models', {})
             .get(bench_train.BASE))
-    overhead = ('' if not base or model == 'plain' else
-                f'{100 * (row["seconds_per_step"] / base["seconds_per_step"] - 1):+.1f}%')
+    ratio = (None if not base or model == 'plain' else
+             row['seconds_per_step'] / base['seconds_per_step'])
+    overhead = '' if ratio is None else f'{100 * (ratio - 1):+.1f}%'
     lines.append(f'| {label} | {dtype} | {row["images_per_sec"]:.1f} | '
                  f'{row["seconds_per_step"]:.4f} | {overhead} | '
                  f'{row["first_step_s"]:.1f} | '

@@ -1,13 +1,14 @@
 r"""DETR's training step with iRPE against plain DETR, and its compiles.
 
-  python -m experiments.benchmarks.bench_detr                  # both parts below
-  python -m experiments.benchmarks.bench_detr --part step --sizes 256x256,800x1088 \
-      [--batch 2] [--rounds 5] [--rpe rpe-2.0-product-ctx-1-k] [--impl auto]
+  python -m experiments.benchmarks.bench_detr           # both parts below
+  python -m experiments.benchmarks.bench_detr --part step \
+      --sizes 256x256,800x1088 [--batch 2] [--rounds 5] \
+      [--rpe rpe-2.0-product-ctx-1-k] [--impl auto]
   python -m experiments.benchmarks.bench_detr --part epoch \
       [--coco_annotations /data/coco/annotations/instances_train2017.json]
   python -m experiments.benchmarks.bench_detr --part layer --sizes 800x1088 \
       [--layer_impls factored,onehot,naive]
-  python -m experiments.benchmarks.bench_detr --quick          # tiny model, a smoke run
+  python -m experiments.benchmarks.bench_detr --quick   # tiny model, smoke run
 
 Part 'step' compiles and times the training step of the runs
 (`experiments.detr.train.compiled_steps`: ResNet-50 DETR of the COCO config,

@@ -17,7 +17,7 @@ arguments and outputs) and the largest array in the compiled program, in
 units of the `(B, H, L, L)` attention weights. Nothing is run: compile only.
 
   python -m experiments.benchmarks.bench_detr_memory
-  python -m experiments.benchmarks.bench_detr_memory --quick   # tiny shapes, seconds
+  python -m experiments.benchmarks.bench_detr_memory --quick  # tiny, seconds
 """
 
 import re

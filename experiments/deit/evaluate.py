@@ -5,7 +5,8 @@ r"""Top-1 / top-5 of a checkpoint on a dataset, as the release evaluates.
       --checkpoint deit_small_patch16_224_ctx_product_50_shared_k.pth \
       --data imagenet2012 --data_dir ~/tensorflow_datasets
 
-  python -m experiments.deit.evaluate --config experiments/deit/configs/digits_folder.py \
+  python -m experiments.deit.evaluate \
+      --config experiments/deit/configs/digits_folder.py \
       --checkpoint /tmp/digits_run --data folder:/tmp/digits
 
 The model is a registered name (`irpe_jax.models.list_models()`) or the

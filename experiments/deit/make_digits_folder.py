@@ -1,7 +1,8 @@
 r"""Writes scikit-learn's handwritten digits as an image folder, offline.
 
   python -m experiments.deit.make_digits_folder /tmp/digits
-  python -m experiments.deit.train --config experiments/deit/configs/digits_folder.py \
+  python -m experiments.deit.train \
+      --config experiments/deit/configs/digits_folder.py \
       --config.dataset=folder:/tmp/digits --workdir /tmp/digits_run
 
 The 1797 8x8 digits ship inside scikit-learn, so nothing is downloaded.

@@ -2,7 +2,8 @@ r"""Prepares a CIFAR-10-shaped tfds dataset offline, for runs without downloads.
 
     python -m experiments.deit.make_tfds_dataset --data_dir /tmp/tfds \
         --num_train 2000 --num_test 500
-    python -m experiments.deit.train --config experiments/deit/configs/cifar10_tiny.py \
+    python -m experiments.deit.train \
+        --config experiments/deit/configs/cifar10_tiny.py \
         --workdir /tmp/c10 --config.dataset=synthetic_cifar10 \
         --config.data_dir=/tmp/tfds
 

@@ -120,7 +120,7 @@ def load_pretrained(path: str, params: Any, model: Any) -> Any:
 @functools.lru_cache(maxsize=8)
 def compiled_steps(model: Any, recipe: steps.Recipe, mesh: Mesh) -> Tuple[
     Any, Any]:
-  """`(train_step, eval_step)` jitted for `mesh`: batch sharded, rest replicated.
+  """`(train_step, eval_step)` jitted for `mesh`: batch sharded, rest copied.
 
   Cached on its (hashable) arguments, so that several runs in one process
   (tests, sweeps) compile each step once.

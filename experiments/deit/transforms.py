@@ -56,7 +56,7 @@ def _resized_size(width: int, height: int, short: int) -> Tuple[int, int]:
 
 def center_crop(image: Image.Image, size: int,
                 crop_fraction: float = 0.875) -> Image.Image:
-  """DeiT eval: `Resize(int(size / crop_fraction), bicubic)`, `CenterCrop(size)`.
+  """DeiT eval: `Resize(int(size / crop_fraction), bicubic)`, `CenterCrop`.
 
   The crop offsets are torchvision's, `int(round((resized - size) / 2))`
   (round half to even).

@@ -9,8 +9,8 @@ load by `irpe_jax.convert`) or the `--workdir` of `experiments.detr.train`:
 its `best/` (the variables of the best AP), else its newest checkpoint,
 read through their SHA256SUMS (`experiments.lib.checkpoints.read_run`); a
 damaged step is skipped, and the first line says which. Prints AP, AP50,
-AP75, APs/m/l and the recalls on the eval split `config.data` names: a COCO folder
-(`data.root`) or, with `--config.data.source=tfds`, tfds' `coco/2017`
+AP75, APs/m/l and the recalls on the eval split `config.data` names: a COCO
+folder (`data.root`) or, with `--config.data.source=tfds`, tfds' `coco/2017`
 `validation` as `tfds build coco/2017` prepared it. Images are read one at
 a time, never the whole split at once.
 """

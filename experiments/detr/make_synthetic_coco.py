@@ -8,12 +8,12 @@ writes `OUT/{train,val}/*.png` and `OUT/annotations/instances_{train,val}
 pycocotools run on it unchanged. With `--tfds_dir` it also writes the same
 canvases as the tfds dataset `synthetic_coco` (splits `train` and
 `validation`, array_record) with the features of tfds' `coco/2017`, which
-`tfds.data_source` then reads from that folder with no download. Each canvas (64 to 128 pixels a side, a
-dark noisy background) holds 1 to 4 of scikit-learn's 8x8 handwritten digits
-(UCI, shipped with the package: no download), each scaled to 16-48 pixels,
-tinted, and placed without overlap; its class is the digit (category id
-`digit + 1`, named '0'..'9'; id 0 is unused, as COCO leaves ids out) and
-its box the tight box of its ink.
+`tfds.data_source` then reads from that folder with no download. Each canvas
+(64 to 128 pixels a side, a dark noisy background) holds 1 to 4 of
+scikit-learn's 8x8 handwritten digits (UCI, shipped with the package: no
+download), each scaled to 16-48 pixels, tinted, and placed without overlap; its
+class is the digit (category id `digit + 1`, named '0'..'9'; id 0 is unused, as
+COCO leaves ids out) and its box the tight box of its ink.
 """
 
 import functools

@@ -20,7 +20,6 @@ from typing import Any, Dict, Sequence, Tuple
 from absl import flags
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from sklearn import datasets

@@ -13,7 +13,6 @@ from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import optax
 
 from experiments.lib import train_state
@@ -115,7 +114,8 @@ def train_step(state: State, batch: Batch, *, model: nn.Module,
 
   def loss_fn(params):
     outputs = model.apply(
-        {'params': _freeze(params, recipe), 'batch_stats': state['batch_stats']},
+        {'params': _freeze(params, recipe),
+         'batch_stats': state['batch_stats']},
         batch['images'], batch['pixel_mask'], deterministic=False,
         rngs={'dropout': key})
     losses = detr_criterion.set_criterion(outputs, targets, recipe.criterion)

@@ -106,7 +106,7 @@ def known_keys(config: Any, known: Iterable[str], open_sections: Sequence[
 
 def section_fields(config: Any, section: str, fields: Iterable[str],
                    owner: str) -> None:
-  """The keys of `config.SECTION` are fields of `owner` (a class or function)."""
+  """The keys of `config.SECTION` are fields of `owner` (class or function)."""
   value = get(config, section)
   if value is None:
     return

@@ -1,4 +1,4 @@
-"""tensorflow_datasets, imported once its undeclared dependencies are checked."""
+"""tensorflow_datasets, imported once its undeclared dependencies are found."""
 
 import importlib.util
 

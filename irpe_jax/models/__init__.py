@@ -1,7 +1,8 @@
-"""DeiT and DETR models with iRPE, their registry, their params and the NNX bridge.
+"""DeiT and DETR models with iRPE, their registry, params and NNX bridge.
 
     >>> from irpe_jax import models
-    >>> model = models.create_model('deit_tiny_patch16_224_ctx_product_50_shared_k')
+    >>> name = 'deit_tiny_patch16_224_ctx_product_50_shared_k'
+    >>> model = models.create_model(name)
     >>> models.list_models('*_shared_qkv')
     >>> detr = models.DETR(enc_rpe2d='rpe-2.0-product-ctx-1-k')
 """

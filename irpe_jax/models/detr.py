@@ -152,7 +152,8 @@ class Backbone(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, pixel_mask: jax.Array
                ) -> Tuple[jax.Array, jax.Array]:
-    """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`."""
+    """Images `(B, H, W, 3)`, mask `(B, H, W)` -> `(B, h, w, C)`, `(B, h, w)`.
+    """
     features = resnet.ResNet(resnet.DEPTHS[self.arch], self.dtype,
                              self.param_dtype, self.width, self.dilation,
                              name='body')(images)
@@ -365,6 +366,7 @@ def init_variables(model: DETR, rng: jax.Array,
       to train from as the release does.
 
   Returns:
+    The model's variables,
     `{'params': ..., 'batch_stats': ...}`.
   """
   inputs = [jnp.zeros(x.shape, x.dtype) for x in model.example_inputs()]

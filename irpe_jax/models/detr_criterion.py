@@ -3,11 +3,11 @@
 After matching (`detr_matcher.hungarian_match`), every decoder layer is
 scored by
 
-  loss_ce     cross-entropy of every query against its target's class, or
-              no-object for unmatched queries, whose weight is `eos_coef`
-              (0.1); a weighted mean over the batch's queries;
-  loss_bbox   L1 of the matched boxes `(cx, cy, w, h)`, summed / num_boxes;
-  loss_giou   1 - GIoU of the matched boxes, summed / num_boxes;
+- `loss_ce`: cross-entropy of every query against its target's class, or
+  no-object for unmatched queries, whose weight is `eos_coef` (0.1); a
+  weighted mean over the batch's queries;
+- `loss_bbox`: L1 of the matched boxes `(cx, cy, w, h)`, summed / num_boxes;
+- `loss_giou`: 1 - GIoU of the matched boxes, summed / num_boxes;
 
 and logged with `class_error` (100 - top-1 accuracy in percent of the
 matched queries, final layer) and `cardinality_error` (mean absolute

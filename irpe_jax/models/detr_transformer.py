@@ -175,7 +175,8 @@ class EncoderLayer(nn.Module):
   def __call__(self, src: jax.Array, pos: jax.Array,
                key_padding_mask: Optional[jax.Array], height: int, width: int,
                deterministic: bool = True) -> jax.Array:
-    """`src`, `pos (B, L = height * width, C)`, padding `(B, L)` -> `(B, L, C)`."""
+    """`src`, `pos (B, L = height * width, C)`, padding `(B, L)` -> `(B, L, C)`.
+    """
     dropout = lambda x: nn.Dropout(self.dropout_rate)(
         x, deterministic=deterministic)
     mask = None if key_padding_mask is None else (

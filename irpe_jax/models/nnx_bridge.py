@@ -5,7 +5,8 @@ with `flax.nnx.bridge.ToNNX`. The NNX module holds the same parameters
 under the same names, so params converted from a release checkpoint (or
 trained in Linen) load as they are:
 
-    >>> model = models.create_model('deit_tiny_patch16_224_ctx_product_50_shared_k')
+    >>> name = 'deit_tiny_patch16_224_ctx_product_50_shared_k'
+    >>> model = models.create_model(name)
     >>> params = irpe_jax.convert.load_torch_checkpoint('ckpt.pth', model)
     >>> nnx_model = models.to_nnx(model, params)
     >>> logits = nnx_model(images)                       # eval

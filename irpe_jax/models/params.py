@@ -52,11 +52,11 @@ def jitted_init(model: nn.Module) -> Callable[..., Any]:
   compile does: on CPU, LLVM's optimisation of JAX's threefry generator
   takes seconds per parameter shape, against a fraction of a second
   unoptimised (on this project's 2-core CPU, jax 0.12: a tiny DETR's init
-  compiled in 65 s, now 17 s; a small ViT's in 15 s, now 5 s). The values are those of
-  `model.init` within float32 rounding of the normal sampler (the integer
-  random bits are the same). Compiled once per (hashable) model and
-  non-array keyword arguments such as `train=False`, which stay static, so
-  later runs in the process (tests, sweeps) compile nothing.
+  compiled in 65 s, now 17 s; a small ViT's in 15 s, now 5 s). The values
+  are those of `model.init` within float32 rounding of the normal sampler (the
+  integer random bits are the same). Compiled once per (hashable) model and
+  non-array keyword arguments such as `train=False`, which stay static, so later
+  runs in the process (tests, sweeps) compile nothing.
 
   Returns:
     A function called as `model.init`: `(rngs, *args, **kwargs)`. Called
@@ -77,11 +77,12 @@ def jitted_init(model: nn.Module) -> Callable[..., Any]:
   return init
 
 def expected_variables(model: nn.Module) -> Dict[str, Params]:
-  """Every collection of a model, as `jax.ShapeDtypeStruct`s.
+  """Every collection of a model, as `jax.ShapeDtypeStruct` values.
 
   Nothing is initialised or allocated (`jax.eval_shape`).
 
   Returns:
+    The variables,
     `{'params': ...}`, plus 'batch_stats' for DETR's frozen batch norm.
   """
   variables = jax.eval_shape(model.init, jax.random.key(0),
@@ -90,7 +91,7 @@ def expected_variables(model: nn.Module) -> Dict[str, Params]:
 
 
 def expected_params(model: nn.Module) -> Params:
-  """The params of a model, as `jax.ShapeDtypeStruct`s.
+  """The params of a model, as `jax.ShapeDtypeStruct` values.
 
   Nothing is initialised or allocated (`jax.eval_shape`).
 
@@ -122,18 +123,18 @@ def check_params(params: Mapping[str, Any],
   """Checks a param tree against a model's, and casts it to its dtypes.
 
   Args:
-    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct`s); a
-      `{'params': ...}` wrapper is accepted too.
+    params: the nested `params` dict (arrays or `jax.ShapeDtypeStruct`
+      values); a `{'params': ...}` wrapper is accepted too.
     expected: a model (see `expected_params`; a model with several
       collections, DETR, is compared on its whole variables), or the params
-      (or variables) it expects (arrays or `jax.ShapeDtypeStruct`s).
+      (or variables) it expects (arrays or `jax.ShapeDtypeStruct` values).
     describe: how errors name a param, `(path, shape) -> (name, shape)`;
       by default its Flax path and shape. A converter passes the names and
       layout of its file format.
 
   Returns:
     `params` with every array cast to the dtype of its expected param
-    (`ShapeDtypeStruct`s are kept), nested as `expected`.
+    (`ShapeDtypeStruct` values are kept), nested as `expected`.
 
   Raises:
     ValueError: listing every missing, unexpected and wrongly shaped param

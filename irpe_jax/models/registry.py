@@ -20,6 +20,7 @@ Names follow the release:
   `deit_small_patch16_224_noabs` has no position encoding at all.
 
 Registered:
+
 - plain DeiT: `deit_{tiny,small,base}_patch16_224` and the distilled
   `deit_{tiny,small,base}_distilled_patch16_224`;
 - the nine models the release registers (`RELEASED`), among them the six

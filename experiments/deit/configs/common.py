@@ -88,9 +88,9 @@ def model_name(size: str, rpe_on: Optional[str]) -> str:
   return f'{base}_ctx_product_50_shared_{rpe_on}'
 
 
-# The meaning of every config key, once: `python -m experiments.deit.train --help`
-# lists them with their defaults, and a test checks that every key of every
-# shipped config is here.
+# The meaning of every config key, once:
+# `python -m experiments.deit.train --help` lists them with their defaults,
+# and a test checks that every key of every shipped config is here.
 DESCRIPTIONS: Dict[str, str] = {
     'seed': 'seed of the init, the data order, augmentation and dropout',
     'dataset': "tfds name ('imagenet2012', 'cifar10', 'name/config') or "

@@ -1,7 +1,8 @@
 r"""Offline training end to end: scikit-learn's digits as an image folder.
 
   python -m experiments.deit.make_digits_folder /tmp/digits
-  python -m experiments.deit.train --config experiments/deit/configs/digits_folder.py \
+  python -m experiments.deit.train \
+      --config experiments/deit/configs/digits_folder.py \
       --config.dataset=folder:/tmp/digits --workdir /tmp/digits_run
 
 A small iRPE ViT (contextual product iRPE on keys) on 32x32 digits cut into
