@@ -1,10 +1,11 @@
-"""Memory and speed of blockwise (flash) iRPE attention against materialised.
+r"""Memory and speed of blockwise (flash) iRPE attention against materialised.
 
 `--part attention`: iRPE-K and iRPE-QKV attention as DeiT configures it
 (`get_rpe_config(ratio=1.9, method='product', mode='ctx', shared_head=True,
 skip=1, rpe_on='k' | 'qkv')`, tables `N(0, 0.02^2)` rather than the
-release's zeros; see `init_params`) at B=1, H=8, D=32 and `L = 1 + side * side` tokens (a requested L is
-moved to the nearest such length; the table says which were used). For each
+release's zeros; see `init_params`) at B=1, H=8, D=32 and `L = 1 + side *
+side` tokens (a requested L is moved to the nearest such length; the table
+says which were used). For each
 L this compiles the forward+backward of
 
 - 'materialized': `attention_with_rpe(..., attention_impl='materialized')`;
@@ -32,10 +33,12 @@ is 800 x 1066, its last 17 columns padded); the same memory and timing for
 its `attention_impl` 'materialized' and 'blockwise', and plain DETR
 (no iRPE) blockwise, for reference.
 
-  python -m experiments.benchmarks.bench_flash                 # L 197, 1025, 4097, 16385
-  python -m experiments.benchmarks.bench_flash --lengths 197,1025,4097 --repeats 3
+  # L 197, 1025, 4097, 16385:
+  python -m experiments.benchmarks.bench_flash
+  python -m experiments.benchmarks.bench_flash --lengths 1025,4097 \
+      --repeats 3
   python -m experiments.benchmarks.bench_flash --part detr
-  python -m experiments.benchmarks.bench_flash --quick         # tiny shapes, seconds
+  python -m experiments.benchmarks.bench_flash --quick  # tiny, seconds
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 r"""Training-step throughput of DeiT-S: plain, iRPE-K and iRPE-QKV.
 
-  python -m experiments.benchmarks.bench_train [--batch 16] [--steps 1] [--rounds 10]
-      [--impl auto[,onehot,...]] [--depth 12] [--dtype bfloat16]
+  python -m experiments.benchmarks.bench_train [--batch 16] [--steps 1]
+      [--rounds 10] [--impl auto[,onehot,...]] [--depth 12] [--dtype bfloat16]
       [--models plain,k,qkv] [--json PATH]
 
 One full training step of each model at 224px on random data, in one
@@ -196,9 +196,9 @@ def _report(entries: Dict[str, Dict[str, Any]], args: Any,
   base_times = (np.array(entries[BASE]['times']) if BASE in entries
                 else None)
   mib = lambda b: f'{b / 2**20:.0f}' if b is not None else 'n/a'
-  print(f'\n| model | images/s | s/step | vs DeiT-S, best | vs DeiT-S, '
-        f'paired median | target | first step (compile) s | '
-        f'XLA peak memory MiB |')
+  print('\n| model | images/s | s/step | vs DeiT-S, best | vs DeiT-S, '
+        'paired median | target | first step (compile) s | '
+        'XLA peak memory MiB |')
   print('|---|---|---|---|---|---|---|---|')
   results = {}
   for label, entry in entries.items():
