@@ -632,7 +632,8 @@ def blockwise_attention(
     dropout_rate: attention dropout, in `[0, 1)`.
     dropout_rng: PRNG key for dropout, needed when `dropout_rate > 0`.
     block_q: queries per block (default 128, at most Lq).
-    block_k: keys per block (default 128, at most Lk).
+    block_k: keys per block (default 128, at most Lk); with a contextual
+      rpe_k term, rounded to whole rows of its token grid.
 
   Returns:
     `(out, sums)`: `out (B, H, Lq, Dv)` in v's dtype, and for each value
