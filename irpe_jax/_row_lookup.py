@@ -4,9 +4,9 @@ A blockwise attention block reads, for each query `i` of its query block
 and each key `j` of its key block, `z[i, ids[i, j]]` from the query's
 `(nb,)` bucket values: the contextual rpe_k term on the logits, and in the
 backward pass the gradient of the weights from that of the v term's bucket
-sums. As a per-element gather this is one indexed load per logit, which XLA
-on CPU runs several times slower than the block's own `q @ k^T` (measured:
-it was half of iRPE-K's cost over plain blockwise attention at L = 4097).
+sums. As a per-element gather this is one indexed load per logit; at
+L = 4097 on CPU it was about half of iRPE-K's cost over plain blockwise
+attention (an ablation with the gather left out).
 
 With the bucket geometry's split of an offset into a row class and a column
 class (`BucketGeometry`), and a key block of whole grid rows, the lookup

@@ -291,12 +291,13 @@ def _key_block(blocks: _KeyBlocks, index) -> _KeyBlock:
   return _KeyBlock(blocks, blocks.first + start, blocks.first + tokens, new)
 
 
-def _row_lookups(plan: _Plan, geometries, q_tokens, z_blocks):
-  """`RowLookup`s of a query block's z blocks, if any key block is rows."""
+def _row_lookups(plan: _Plan, q_tokens, z_blocks):
+  """`RowLookup`s of a query block's rpe_k z blocks, if any key block is
+  grid rows."""
   if not any(blocks.grid_rows for blocks in plan.key_blocks):
     return [None] * len(z_blocks)
   return [_row_lookup.RowLookup(g, q_tokens, z)
-          for g, z in zip(geometries, z_blocks)]
+          for g, z in zip(_row_geometries(plan.terms), z_blocks)]
 
 
 def _lookup_rows(z, lookup, key: _KeyBlock, pair_ids, geometry):
@@ -355,8 +356,9 @@ def _block_logits(plan: _Plan, key: _KeyBlock, q_blk, k_blk, row_z,
   return logits, pair_ids
 
 
-def _row_geometries(plan: _Plan):
-  return [g for g, transposed, per_token in plan.terms
+def _row_geometries(terms):
+  """Geometries of the untransposed per-token (contextual rpe_k) terms."""
+  return [g for g, transposed, per_token in terms
           if per_token and not transposed]
 
 
@@ -388,7 +390,7 @@ def _forward(plan: _Plan, q, k, v, zs, mask, rng):
     q_start, q_tokens, q_new = _tokens(qi, bq, lq)
     q_blk = _block(q, q_start, bq)
     row_z = [_block(z, q_start, bq) for z in rows]
-    row_lookups = _row_lookups(plan, _row_geometries(plan), q_tokens, row_z)
+    row_lookups = _row_lookups(plan, q_tokens, row_z)
 
     def key_step(key, dropout_index, carry):
       m, l, acc, sums = carry
@@ -453,7 +455,7 @@ def _backward(plan: _Plan, q, k, v, zs, mask, rng, out, m, l, sums, d_out,
     inverse_l = 1.0 / _block(l, q_start, bq)
     row_z = [_block(z, q_start, bq) for z in rows]
     d_sum_blk = [_block(ds, q_start, bq).astype(f32) for ds in d_sums]
-    row_lookups = _row_lookups(plan, _row_geometries(plan), q_tokens, row_z)
+    row_lookups = _row_lookups(plan, q_tokens, row_z)
     # Rows an earlier block covered add nothing again.
     q_new = q_new[:, None]
 
@@ -563,9 +565,7 @@ def _plan_key_blocks(block_k: int, length: int, terms
   per-element gather's. (The v term's lookups, in the backward pass, stay
   gathers: as row copies they measured 8% slower.)
   """
-  geometries = [g for g, transposed, per_token in terms
-                if per_token and not transposed]
-  grids = {(g.height, g.width, g.skip) for g in geometries}
+  grids = {(g.height, g.width, g.skip) for g in _row_geometries(terms)}
   if len(grids) == 1:
     height, width, skip = grids.pop()
     if width <= MAX_GRID_ROW_BLOCK_FACTOR * block_k:
