@@ -11,8 +11,13 @@ Two implementations compute it (`attention_impl`):
   logits, encodings and weights formed (and kept by autodiff).
 - 'blockwise': flash attention in blocks with the iRPE terms computed
   inside each block (`irpe_jax.blockwise`): `O(L)` memory per head.
+- 'pallas': the blockwise computation as fused Pallas kernels for GPU and
+  TPU (`irpe_jax.pallas_attention`); on CPU they run in Pallas's
+  interpreter (slow; for tests).
 - 'auto': 'blockwise' from `AUTO_BLOCKWISE_MIN_LENGTH` tokens on, else
-  'materialized' (see `resolve_attention_impl`).
+  'materialized' (see `resolve_attention_impl`); 'pallas' instead of
+  'blockwise' on the platforms of `AUTO_PALLAS_PLATFORMS`, where the
+  kernels take the case.
 """
 
 from typing import Callable, Mapping, Optional, Sequence, Tuple
@@ -23,8 +28,9 @@ import jax.numpy as jnp
 from irpe_jax import _checks
 from irpe_jax import blockwise
 from irpe_jax import ops
+from irpe_jax import pallas_attention
 
-ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise')
+ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise', 'pallas')
 # Where 'auto' switches to blockwise attention, in tokens, per platform
 # (`jax.default_backend()` when the call is traced). On CPU, measured with
 # `python -m experiments.benchmarks.bench_flash` (B = 1, H = 8, D = 32,
@@ -44,6 +50,16 @@ ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise')
 # 64 MiB per head and image, and memory is what limits a model.
 AUTO_BLOCKWISE_MIN_LENGTH: Mapping[str, int] = {'cpu': 4096}
 AUTO_BLOCKWISE_MIN_LENGTH_DEFAULT = 4096
+# Where 'auto' takes the Pallas kernels for 'blockwise'. None yet, reasoned
+# until a device has run them: from this project's CPU, `jax.export` checks
+# that the kernels lower to Mosaic and to Triton (tests/test_pallas.py),
+# but not that the TPU and GPU compilers accept what they lowered, nor how
+# fast it runs (scripts/accelerator_check.sh measures both). A platform goes
+# here once that script has run there and the kernels beat 'blockwise'.
+# Under 'auto' the cases the kernels do not take
+# (`pallas_attention.unsupported_reason`: dropout, masks over queries, ...)
+# stay blockwise.
+AUTO_PALLAS_PLATFORMS: frozenset = frozenset()
 
 # `(x, height, width) -> encoding`, as the IRPE modules are called; rpe_q is
 # also passed `x_tokens_last=True` and `scale` (see `attention_with_rpe`).
@@ -173,7 +189,17 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return _blockwise(q, k, v, scale=scale, rpes=rpes, mask=mask,
                       height=height, width=width, block_q=block_q,
                       block_k=block_k, dropout_rate=dropout_rate,
-                      dropout_rng=dropout_rng)
+                      dropout_rng=dropout_rng,
+                      kernels=None if attention_impl == 'auto' else False)
+  if impl == 'pallas':
+    if dropout is not None:
+      raise TypeError("attention_impl='pallas' takes no dropout; its "
+                      'kernels have none (use '
+                      "attention_impl='blockwise').")
+    return _blockwise(q, k, v, scale=scale, rpes=rpes, mask=mask,
+                      height=height, width=width, block_q=block_q,
+                      block_k=block_k, dropout_rate=dropout_rate,
+                      dropout_rng=dropout_rng, kernels=True)
   return _materialized(q, k, v, scale=scale, mask=mask, dropout=dropout,
                        height=height, width=width, weights_hook=weights_hook,
                        **rpes)
@@ -226,8 +252,10 @@ def _terms(name: str, rpe: RPEFn, x: jax.Array, height, width, **kwargs
 
 
 def _blockwise(q, k, v, *, scale, rpes, mask, height, width, block_q,
-               block_k, dropout_rate, dropout_rng):
-  """`attention_with_rpe` by `blockwise.blockwise_attention`."""
+               block_k, dropout_rate, dropout_rng, kernels):
+  """`attention_with_rpe` by `blockwise.blockwise_attention`, or by
+  `pallas_attention.pallas_attention`: with `kernels=True`, or, with
+  `kernels=None`, on `AUTO_PALLAS_PLATFORMS` where they take the case."""
   dtype = q.dtype
   q = q * jnp.asarray(scale, dtype)
   logit_terms = []
@@ -241,11 +269,23 @@ def _blockwise(q, k, v, *, scale, rpes, mask, height, width, block_q,
   value_terms = ()
   if rpes['rpe_v'] is not None:
     value_terms = _terms('rpe_v', rpes['rpe_v'], v, height, width)
-  out, sums = blockwise.blockwise_attention(
-      q, k, v, logit_terms=logit_terms,
-      value_geometries=[t.geometry for t in value_terms], mask=mask,
-      dropout_rate=dropout_rate, dropout_rng=dropout_rng, block_q=block_q,
-      block_k=block_k)
+  value_geometries = [t.geometry for t in value_terms]
+  if kernels is None and jax.default_backend() in AUTO_PALLAS_PLATFORMS:
+    kernels = pallas_attention.unsupported_reason(
+        q, v, logit_terms, value_geometries, mask, dropout_rate) is None
+  if kernels:
+    if dropout_rate:
+      raise ValueError(f"attention_impl='pallas' takes no dropout, got "
+                       f"dropout_rate={dropout_rate}; its kernels have "
+                       f"none (use attention_impl='blockwise').")
+    out, sums = pallas_attention.pallas_attention(
+        q, k, v, logit_terms=logit_terms, value_geometries=value_geometries,
+        mask=mask, block_q=block_q, block_k=block_k)
+  else:
+    out, sums = blockwise.blockwise_attention(
+        q, k, v, logit_terms=logit_terms, value_geometries=value_geometries,
+        mask=mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+        block_q=block_q, block_k=block_k)
   for s, term in zip(sums, value_terms):
     out = out + ops.head_matmul(s.astype(dtype), term.values)
   return out

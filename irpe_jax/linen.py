@@ -264,7 +264,7 @@ class IRPEAttention(nn.Module):
         dropout=dropout, height=height, width=width,
         weights_hook=lambda w: self.sow('intermediates', 'attention_weights',
                                         w),
-        attention_impl=attention_impl, block_q=self.block_q,
+        attention_impl=self.attention_impl, block_q=self.block_q,
         block_k=self.block_k,
         dropout_rate=self.dropout_rate if dropout_rng is not None else 0.0,
         dropout_rng=dropout_rng, **rpes)

@@ -266,7 +266,7 @@ class IRPEAttention(nnx.Module):
         width=width,
         weights_hook=lambda w: self.sow(nnx.Intermediate, 'attention_weights',
                                         w, **_SOW_KWARGS),
-        attention_impl=attention_impl, block_q=self.block_q,
+        attention_impl=self.attention_impl, block_q=self.block_q,
         block_k=self.block_k,
         dropout_rate=rate if dropout_rng is not None else 0.0,
         dropout_rng=dropout_rng)
