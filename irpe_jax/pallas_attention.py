@@ -7,8 +7,8 @@ never leave the chip:
 
 - forward, one program per `(batch, head, query block)`: its key blocks in
   a loop with the online softmax; it writes the output, the row
-  log-sum-exp and, per contextual v term, the bucket sums of the weights.
-- backward, two kernels that recompute the weights from the log-sum-exp:
+  maximum and row sum of the logits and, per contextual v term, the bucket sums of the weights.
+- backward, two kernels that recompute the weights from those statistics:
   one program per query block (dq, the rpe_k `z` gradient and partial bias
   gradients) and one per key block (dk, dv, the rpe_q `z` gradient). Each
   output element has one writer and the partial bias gradients are summed
@@ -249,8 +249,8 @@ def _forward_kernel(spec: _Spec, *refs):
   bq, bk, width = spec.block_q, spec.block_k, spec.slot_width
   n_mask = spec.mask_shape is not None
   (q_ref, k_ref, v_ref, qr_ref, qc_ref, kr_ref, kc_ref), term_refs, \
-      mask_refs, (out_ref, lse_ref), sum_refs = _split(
-          refs, (7, len(spec.terms), n_mask, 2, len(spec.values)))
+      mask_refs, (out_ref, m_ref, l_ref), sum_refs = _split(
+          refs, (7, len(spec.terms), n_mask, 3, len(spec.values)))
   q = q_ref[...]
   q_rows, q_cols = qr_ref[...], qc_ref[...]
   all_q = slice(None)
@@ -284,7 +284,9 @@ def _forward_kernel(spec: _Spec, *refs):
       0, spec.padded_length // bk, key_block, init)
   inverse = 1.0 / l
   out_ref[...] = (acc * inverse).astype(out_ref.dtype)
-  lse_ref[...] = m + jnp.log(l)
+  # m and l, not m + log(l): with every key masked, m is the lowest
+  # float32 and would absorb log(l).
+  m_ref[...], l_ref[...] = m, l
   for ref, s in zip(sum_refs, sums):
     ref[...] = s * inverse
 
@@ -295,11 +297,11 @@ def _dq_kernel(spec: _Spec, *refs):
   n_mask, n_v = spec.mask_shape is not None, len(spec.values)
   n_rows, n_bias = len(spec.of_kind('rows')), len(spec.of_kind('bias'))
   (q_ref, k_ref, v_ref, qr_ref, qc_ref, kr_ref, kc_ref), term_refs, \
-      mask_refs, (do_ref, lse_ref, delta_ref), d_sum_refs, (dq_ref,), \
+      mask_refs, (do_ref, m_ref, l_ref, delta_ref), d_sum_refs, (dq_ref,), \
       d_row_refs, d_bias_refs = _split(
-          refs, (7, len(spec.terms), n_mask, 3, n_v, 1, n_rows, n_bias))
+          refs, (7, len(spec.terms), n_mask, 4, n_v, 1, n_rows, n_bias))
   q, do = q_ref[...], do_ref[...]
-  lse, delta = lse_ref[...], delta_ref[...]
+  m, inverse_l, delta = m_ref[...], 1.0 / l_ref[...], delta_ref[...]
   q_rows, q_cols = qr_ref[...], qc_ref[...]
   d_sums = [ref[...] for ref in d_sum_refs]
   all_q = slice(None)
@@ -314,7 +316,7 @@ def _dq_kernel(spec: _Spec, *refs):
                         kc_ref[:, k_slice])
     logits = block.logits(
         q, k, _term_values(spec, term_refs, all_q, k_slice), start, mask_row)
-    p = jnp.exp(logits - lse)
+    p = jnp.exp(logits - m) * inverse_l
     d_p = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)
     for g, ds in zip(spec.values, d_sums):
@@ -357,9 +359,9 @@ def _dkv_kernel(spec: _Spec, *refs):
   n_mask, n_v = spec.mask_shape is not None, len(spec.values)
   cols = spec.of_kind('cols')
   (q_ref, k_ref, v_ref, qr_ref, qc_ref, kr_ref, kc_ref), term_refs, \
-      mask_refs, (do_ref, lse_ref, delta_ref), d_sum_refs, \
+      mask_refs, (do_ref, m_ref, l_ref, delta_ref), d_sum_refs, \
       (dk_ref, dv_ref), d_col_refs = _split(
-          refs, (7, len(spec.terms), n_mask, 3, n_v, 2, len(cols)))
+          refs, (7, len(spec.terms), n_mask, 4, n_v, 2, len(cols)))
   k, v = k_ref[...], v_ref[...]
   k_start = pl.program_id(2) * spec.block_k
   k_rows, k_cols = kr_ref[...], kc_ref[...]
@@ -371,13 +373,13 @@ def _dkv_kernel(spec: _Spec, *refs):
     start = pl.multiple_of(i * bq, bq)
     q_slice = pl.ds(start, bq)
     q, do = q_ref[q_slice, :], do_ref[q_slice, :]
-    lse, delta = lse_ref[q_slice, :], delta_ref[q_slice, :]
+    m, l, delta = m_ref[q_slice, :], l_ref[q_slice, :], delta_ref[q_slice, :]
     block = _BlockTerms(spec, qr_ref[q_slice, :], qc_ref[q_slice, :],
                         k_rows, k_cols)
     logits = block.logits(
         q, k, _term_values(spec, term_refs, q_slice, all_k), k_start,
         mask_row)
-    p = jnp.exp(logits - lse)
+    p = jnp.exp(logits - m) / l
     dv = dv + jnp.dot(p.astype(do.dtype).T, do,
                       preferred_element_type=jnp.float32)
     d_p = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
@@ -487,19 +489,21 @@ def _forward(spec: _Spec, q, k, v, zs, mask):
               + s.terms(bq, length) + s.mask(length))
   f32 = jnp.float32
   out_shape = ([jax.ShapeDtypeStruct((batch, heads, length, dv), v.dtype),
+                jax.ShapeDtypeStruct((batch, heads, length, 1), f32),
                 jax.ShapeDtypeStruct((batch, heads, length, 1), f32)]
                + [jax.ShapeDtypeStruct((batch, heads, length, width), f32)
                   for _ in spec.values])
-  out_specs = ([s.block(bq, dv), s.block(bq, 1)]
+  out_specs = ([s.block(bq, dv), s.block(bq, 1), s.block(bq, 1)]
                + [s.block(bq, width) for _ in spec.values])
   outs = _pallas_call(
       spec, functools.partial(_forward_kernel, spec), 'irpe_attention_fwd',
       (batch, heads, length // bq), in_specs, out_specs, out_shape)(
           q, k, v, *_coords(spec, _geometry(spec)), *zs, *mask_args)
-  return outs[0], outs[1], list(outs[2:])
+  return outs[0], outs[1:3], list(outs[3:])
 
 
-def _backward(spec: _Spec, q, k, v, zs, mask, out, lse, sums, d_out, d_sums):
+def _backward(spec: _Spec, q, k, v, zs, mask, out, stats, sums, d_out,
+              d_sums):
   batch, heads, length, dim = q.shape
   dv = v.shape[-1]
   bq, bk, width = spec.block_q, spec.block_k, spec.slot_width
@@ -518,7 +522,7 @@ def _backward(spec: _Spec, q, k, v, zs, mask, out, lse, sums, d_out, d_sums):
   dq_in = ([s.block(bq, dim), s.whole(dim), s.whole(dv),
             s.coords(True, bq), s.coords(True, bq), s.coords(False, length),
             s.coords(False, length)] + s.terms(bq, length) + s.mask(length)
-           + [s.block(bq, dv), s.block(bq, 1), s.block(bq, 1)]
+           + [s.block(bq, dv)] + [s.block(bq, 1)] * 3
            + [s.block(bq, width) for _ in spec.values])
   rows, biases = spec.of_kind('rows'), spec.of_kind('bias')
   bias_spec = _Specs(spec)._pl.BlockSpec(  # pylint: disable=protected-access
@@ -533,7 +537,7 @@ def _backward(spec: _Spec, q, k, v, zs, mask, out, lse, sums, d_out, d_sums):
   dq_outs = _pallas_call(
       spec, functools.partial(_dq_kernel, spec), 'irpe_attention_bwd_dq',
       (batch, heads, n_blocks), dq_in, dq_out, dq_shape)(
-          q, k, v, *coords, *zs, *mask_args, d_out, lse, delta, *d_sums)
+          q, k, v, *coords, *zs, *mask_args, d_out, *stats, delta, *d_sums)
   d_q, d_rows, d_bias_parts = (dq_outs[0], dq_outs[1:1 + len(rows)],
                                dq_outs[1 + len(rows):])
 
@@ -542,7 +546,7 @@ def _backward(spec: _Spec, q, k, v, zs, mask, out, lse, sums, d_out, d_sums):
              s.coords(True, length), s.coords(True, length),
              s.coords(False, bk), s.coords(False, bk)]
             + s.terms(length, bk) + s.mask(bk)
-            + [s.whole(dv), s.whole(1), s.whole(1)]
+            + [s.whole(dv)] + [s.whole(1)] * 3
             + [s.whole(width) for _ in spec.values])
   col_spec = _Specs(spec)._pl.BlockSpec(  # pylint: disable=protected-access
       (None, None, width, bk), lambda b, h, i: (b, h, 0, i))
@@ -554,7 +558,7 @@ def _backward(spec: _Spec, q, k, v, zs, mask, out, lse, sums, d_out, d_sums):
   dkv_outs = _pallas_call(
       spec, functools.partial(_dkv_kernel, spec), 'irpe_attention_bwd_dkv',
       (batch, heads, length // bk), dkv_in, dkv_out, dkv_shape)(
-          q, k, v, *coords, *zs, *mask_args, d_out, lse, delta, *d_sums)
+          q, k, v, *coords, *zs, *mask_args, d_out, *stats, delta, *d_sums)
   d_k, d_v, d_cols = dkv_outs[0], dkv_outs[1], dkv_outs[2:]
 
   rows_it, cols_it, bias_it = iter(d_rows), iter(d_cols), iter(d_bias_parts)
@@ -580,14 +584,14 @@ def _fused(spec, q, k, v, zs, mask):
 
 
 def _fused_fwd(spec, q, k, v, zs, mask):
-  out, lse, sums = _forward(spec, q, k, v, zs, mask)
-  return (out, sums), (q, k, v, zs, mask, out, lse, sums)
+  out, stats, sums = _forward(spec, q, k, v, zs, mask)
+  return (out, sums), (q, k, v, zs, mask, out, stats, sums)
 
 
 def _fused_bwd(spec, residuals, cotangents):
-  q, k, v, zs, mask, out, lse, sums = residuals
+  q, k, v, zs, mask, out, stats, sums = residuals
   d_out, d_sums = cotangents
-  d_q, d_k, d_v, d_zs = _backward(spec, q, k, v, zs, mask, out, lse, sums,
+  d_q, d_k, d_v, d_zs = _backward(spec, q, k, v, zs, mask, out, stats, sums,
                                   d_out, d_sums)
   return d_q, d_k, d_v, d_zs, None
 

@@ -1,5 +1,8 @@
 """Blockwise attention equals the materialised path, outputs and gradients.
 
+The equality cases run both blockwise implementations: 'blockwise' (XLA)
+and 'pallas' (the fused kernels, in Pallas's interpreter here).
+
 Blocks here are small (8 queries, 16 keys, or 5 x 7) so that every case
 spans several blocks, none of which divides L, and the last key block is
 mostly padding.
@@ -25,6 +28,7 @@ from irpe_jax import nnx as irpe_nnx
 import golden
 
 RTOL = 1e-5
+IMPLS = ('blockwise', 'pallas')
 BLOCKS = dict(block_q=8, block_k=16)
 MODULE_CASES = golden.cases('modules')
 
@@ -70,7 +74,7 @@ def _assert_trees_close(actual, expected, rtol=RTOL):
 
 
 @functools.lru_cache(maxsize=None)
-def _module_case_fn(case_key):
+def _module_case_fn(case_key, impl):
   """Jitted `(both impls' loss and grads)` of one golden module case."""
   case, _ = next((c, a) for c, a in MODULE_CASES if c['key'] == case_key)
   modules = _single(case)
@@ -85,7 +89,7 @@ def _module_case_fn(case_key):
 
   grad = lambda impl: jax.value_and_grad(
       functools.partial(loss, impl), argnums=(0, 1, 2, 3), has_aux=True)
-  return jax.jit(lambda *a: (grad('materialized')(*a), grad('blockwise')(*a)))
+  return jax.jit(lambda *a: (grad('materialized')(*a), grad(impl)(*a)))
 
 
 RPE_NAMES = ('rpe_q', 'rpe_k', 'rpe_v')
@@ -106,9 +110,10 @@ def _bound(modules, variables):
   return bound
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case,arrays', MODULE_CASES,
                          ids=[c['key'] for c, _ in MODULE_CASES])
-def test_golden_module_blockwise_equals_materialized(case, arrays):
+def test_golden_module_blockwise_equals_materialized(case, arrays, impl):
   """Each golden table, on its target, in attention: both paths agree."""
   params = golden.nest({n: jnp.asarray(arrays[f'param/{n}'])
                         for n in case['params']})
@@ -117,7 +122,7 @@ def test_golden_module_blockwise_equals_materialized(case, arrays):
   keys = jax.random.split(jax.random.key(len(case['key'])), 4)
   q, k, v, cotangent = (jax.random.normal(key, (batch, heads, length, dim))
                         for key in keys)
-  want, got = _module_case_fn(case['key'])(params, q, k, v, cotangent)
+  want, got = _module_case_fn(case['key'], impl)(params, q, k, v, cotangent)
   _assert_trees_close(got, want)
 
 
@@ -131,9 +136,10 @@ def _attention_module(case, impl, **kwargs):
                                 attention_impl=impl, **kwargs)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case,arrays', ATTENTION_CASES,
                          ids=[c['key'] for c, _ in ATTENTION_CASES])
-def test_golden_attention_blockwise_matches_release(case, arrays):
+def test_golden_attention_blockwise_matches_release(case, arrays, impl):
   """IRPEAttention, blockwise: equal to the release and to materialised."""
   import test_parity  # pylint: disable=g-import-not-at-top
   params = test_parity.torch_attention_params(
@@ -145,8 +151,8 @@ def test_golden_attention_blockwise_matches_release(case, arrays):
     return jnp.sum(y * arrays['cotangent']), y
 
   both = jax.jit(lambda p, x: [jax.value_and_grad(
-      functools.partial(loss, impl), argnums=(0, 1), has_aux=True)(p, x)
-                               for impl in ('materialized', 'blockwise')])
+      functools.partial(loss, i), argnums=(0, 1), has_aux=True)(p, x)
+                               for i in ('materialized', impl)])
   want, got = both(params, jnp.asarray(arrays['x']))
   (_, y), (grads, grad_x) = got
   golden.assert_close(y, arrays['y'], RTOL, 'y')
@@ -155,9 +161,10 @@ def test_golden_attention_blockwise_matches_release(case, arrays):
   _assert_trees_close(got, want)
 
 
+@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case,arrays', DETR_CASES,
                          ids=[c['key'] for c, _ in DETR_CASES])
-def test_golden_detr_attention_blockwise_matches_release(case, arrays):
+def test_golden_detr_attention_blockwise_matches_release(case, arrays, impl):
   """Non-square maps, key padding, q = k = src + pos and v = src, skip 0."""
   import test_parity  # pylint: disable=g-import-not-at-top
   cfg = irpe_jax.parse_rpe_string(
@@ -179,8 +186,8 @@ def test_golden_detr_attention_blockwise_matches_release(case, arrays):
     return jnp.sum(y * cotangent), y
 
   both = jax.jit(lambda p, x: [jax.value_and_grad(
-      functools.partial(loss, impl), argnums=(0, 1), has_aux=True)(p, x)
-                               for impl in ('materialized', 'blockwise')])
+      functools.partial(loss, i), argnums=(0, 1), has_aux=True)(p, x)
+                               for i in ('materialized', impl)])
   want, got = both(params, batch_first(arrays['src_LBE']))
   (_, y), (grads, grad_src) = got
   golden.assert_close(y, batch_first(arrays['y_LBE']), RTOL, 'y')
@@ -230,11 +237,27 @@ def _random_mask(kind, batch, heads, length, key):
   return mask.at[:, :, 0].set(False)  # Query 0 attends to nothing.
 
 
-@hypothesis.settings(max_examples=6, deadline=None, derandomize=True,
-                     suppress_health_check=list(hypothesis.HealthCheck))
+_HYPOTHESIS = hypothesis.settings(
+    max_examples=6, deadline=None, derandomize=True,
+    suppress_health_check=list(hypothesis.HealthCheck))
+
+
+@_HYPOTHESIS
 @hypothesis.given(_configs())
 def test_random_configs_blockwise_equals_materialized(draw):
   """Odd lengths, blocks that do not divide L, all-masked rows."""
+  _check_random_config(draw, 'blockwise')
+
+
+@_HYPOTHESIS
+@hypothesis.given(_configs())
+def test_random_configs_pallas_equals_materialized(draw):
+  """As above, through the kernels; their masks are key masks."""
+  _check_random_config(dict(draw, mask=draw['mask'].replace('full', 'keys')),
+                       'pallas')
+
+
+def _check_random_config(draw, impl):
   b, h, n, d = draw['batch'], draw['heads'], draw['length'], draw['dim']
   keys = jax.random.split(jax.random.key(draw['seed']), 6)
   q, k, v, cotangent = (jax.random.normal(key, (b, h, n, d))
@@ -257,8 +280,8 @@ def test_random_configs_blockwise_equals_materialized(draw):
     return jnp.sum(out * cotangent), out
 
   both = jax.jit(lambda *a: [jax.value_and_grad(
-      functools.partial(loss, impl), argnums=(0, 1, 2, 3), has_aux=True)(*a)
-                             for impl in ('materialized', 'blockwise')])
+      functools.partial(loss, i), argnums=(0, 1, 2, 3), has_aux=True)(*a)
+                             for i in ('materialized', impl)])
   want, got = both(variables, q, k, v)
   _assert_trees_close(got, want)
 
