@@ -7,7 +7,8 @@ never leave the chip:
 
 - forward, one program per `(batch, head, query block)`: its key blocks in
   a loop with the online softmax; it writes the output, the row
-  maximum and row sum of the logits and, per contextual v term, the bucket sums of the weights.
+  maximum and row sum of the logits and, per contextual v term, the
+  bucket sums of the weights.
 - backward, two kernels that recompute the weights from those statistics:
   one program per query block (dq, the rpe_k `z` gradient and partial bias
   gradients) and one per key block (dk, dv, the rpe_q `z` gradient). Each

@@ -28,4 +28,4 @@ exec "$venv/bin/python" -m pytest -n 2 -p no:cacheprovider "$@" \
   tests/test_config.py tests/test_buckets.py tests/test_modules.py \
   tests/test_ops.py tests/test_parity.py tests/test_grid_checks.py \
   tests/test_models.py tests/test_detr_loss.py tests/test_torch_pickle.py \
-  tests/test_blockwise.py
+  tests/test_blockwise.py tests/test_pallas.py

@@ -74,10 +74,12 @@ def test_bench_flash_quick_runs_both_parts(tmp_path):
                            str(path)]) == 0
   written = json.loads(path.read_text())
   entries = written['entries']
-  # --quick: iRPE-QKV (q, k and v terms) and plain; DETR with iRPE.
+  # --quick: iRPE-QKV (q, k and v terms) and plain; DETR with iRPE. The
+  # kernels run interpreted; cuDNN needs a GPU.
   assert [(e['label'], e['impl']) for e in entries] == [
       ('iRPE-QKV', 'materialized'), ('iRPE-QKV', 'blockwise'),
-      ('plain', 'blockwise'), ('plain', 'dot_product'),
+      ('iRPE-QKV', 'pallas'), ('plain', 'blockwise'),
+      ('plain', 'dot_product'),
       ('DETR iRPE', 'materialized'), ('DETR iRPE', 'blockwise')]
   for entry in entries:
     assert entry['skipped'] is None, entry
@@ -87,7 +89,7 @@ def test_bench_flash_quick_runs_both_parts(tmp_path):
   assert {e['length'] for e in entries if e['part'] == 'detr'} == {20}
   # Blockwise computes what the materialised path does.
   agree = [n for n in written['notes'] if 'agree' in n]
-  assert len(agree) == 2
+  assert len(agree) == 3  # blockwise, pallas, DETR blockwise
   assert all(float(n.split(' to ')[1].split()[0]) < 1e-4 for n in agree)
 
 
@@ -114,9 +116,12 @@ def test_bench_flash_lengths_and_skips(monkeypatch):
   args = bench_flash.parse_args(['--quick', '--lengths', '37',
                                  '--attention', 'iRPE-K,iRPE-QKV,plain'])
   entries, notes = bench_flash.run_attention(args, budget=2 * 37 * 37 * 4)
-  assert compiled == ['blockwise'] * 3 and not notes
+  # --quick on CPU takes the kernels too (interpreted).
+  assert sorted(compiled) == ['blockwise'] * 3 + ['pallas'] * 2
+  assert not notes
   for entry in entries:
-    assert (entry.skipped is None) == (entry.impl == 'blockwise'), entry
+    assert (entry.skipped is None) == (
+        entry.impl in ('blockwise', 'pallas')), entry
     assert not entry.times_ms
 
 
@@ -131,6 +136,18 @@ def test_accelerator_report_from_bench_outputs(bench_outputs, tmp_path):
       'parts': [part], 'quick': True,
       'tests': {'passed': 3, 'failed': 0, 'errors': 0, 'skipped': 1},
       'bench_rpe': {'bfloat16': rpe, 'float32': None}, 'batch': 2,
+      'bench_flash': {
+          'shapes': {'batch': 1, 'heads': 2, 'head_dim': 8,
+                     'dtype': 'bfloat16'},
+          'device_kind': 'cpu', 'jax': 'x', 'revision': 'abc',
+          'notes': ['L=1025 iRPE-K: pallas grads agree'],
+          'entries': [{'part': 'attention', 'label': label, 'impl': impl,
+                       'length': 1025, 'grid': '1+32x32',
+                       'square_bytes': 2 ** 20, 'compile_s': 1.0,
+                       'temp_bytes': 2 ** 16, 'io_bytes': 2 ** 10,
+                       'skipped': None, 'times_ms': [ms]}
+                      for label, impl, ms in (('iRPE-K', 'pallas', 11.0),
+                                              ('plain', 'cudnn', 10.0))]},
       'bench_train': {(key, 'float32'): train
                       for key in bench_train.MODEL_KEYS}}
   path = tmp_path / 'report.md'
@@ -142,6 +159,9 @@ def test_accelerator_report_from_bench_outputs(bench_outputs, tmp_path):
   assert len(rows) == 3  # the overheads of iRPE-K and -QKV over plain:
   assert all(re.search(r'\| [+-]\d+\.\d%', row) for row in rows[1:])
   assert '| bench_rpe_bfloat16 | ok | 3 | logs/bench_rpe_bfloat16.log |' in text
+  assert '| iRPE-K | pallas |' in text and '| 1.10 |' in text
+  assert '[HOLDS] iRPE-K pallas at L=1025: 1.10x plain cuDNN' in text
+  assert '- L=1025 iRPE-K: pallas grads agree' in text
 
 
 def test_device_batch_fits_half_the_memory():

@@ -16,7 +16,12 @@ itself:
    default lets TPUs and recent GPUs round matmul inputs to bf16 or tf32);
 3. `experiments.benchmarks.bench_rpe` at DeiT-S shapes: every impl, float32
    and bf16;
-4. `experiments.benchmarks.bench_train`: DeiT-S plain, iRPE-K and iRPE-QKV in
+4. `experiments.benchmarks.bench_flash`: iRPE-K and iRPE-QKV attention
+   through the Pallas kernels, blockwise and materialised, against plain
+   attention (cuDNN's on GPU), L = 197 to 16385, bf16 on accelerators;
+   its notes say how far the kernels' gradients agree with the
+   materialised path's there;
+5. `experiments.benchmarks.bench_train`: DeiT-S plain, iRPE-K and iRPE-QKV in
    float32 and bf16, one process each, so that the device's peak memory
    (`memory_stats()['peak_bytes_in_use']`) is the model's own; the batch is
    sized to the device's memory.
@@ -26,6 +31,7 @@ The report is a markdown file; every part's output is kept next to it, in
 CPU).
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -38,6 +44,7 @@ import xml.etree.ElementTree as ElementTree
 
 from absl import flags
 
+from experiments.benchmarks import bench_flash
 from experiments.benchmarks import bench_train
 from experiments.lib import cli
 
@@ -46,7 +53,9 @@ PARITY_TESTS = ('tests/test_parity.py', 'tests/test_modules.py',
                 'tests/test_ops.py')
 DTYPES = ('float32', 'bfloat16')
 # Seconds each part may take at most (the budget may give it less).
-LIMITS = {'device': 60, 'tests': 90, 'bench_rpe': 40, 'bench_train': 40}
+LIMITS = {'device': 60, 'tests': 90, 'bench_flash': 150, 'bench_rpe': 40,
+          'bench_train': 40}
+FLASH_LENGTHS = '197,1025,4097,16385'
 # DeiT-S training memory per image at 224px (float32, measured on CPU with
 # bench_train: ~140 MiB per image with parameters and AdamW state), with a
 # margin: the batch is the largest power of two that fits half the device.
@@ -181,6 +190,15 @@ def run_all(args: Any) -> Dict[str, Any]:
   runner.run('tests', cmd, limits['tests'], env=test_env)
   results['tests'] = _junit_counts(junit)
 
+  path = logs / 'bench_flash.json'
+  flash = ['--quick'] if args.quick else [
+      '--lengths', FLASH_LENGTHS, '--repeats', '3', '--dtype',
+      'float32' if platform == 'cpu' else 'bfloat16']
+  runner.run('bench_flash', [py, '-m', 'experiments.benchmarks.bench_flash',
+                             '--json', str(path)] + flash,
+             limits['bench_flash'])
+  results['bench_flash'] = _read_json(path)
+
   results['bench_rpe'] = {}
   for dtype in args.dtypes:
     path = logs / f'bench_rpe_{dtype}.json'
@@ -256,6 +274,24 @@ def _mib(value: Optional[int]) -> str:
   return 'n/a' if value is None else f'{value / 2**20:.0f}'
 
 
+def _flash_section(flash: Optional[Dict[str, Any]]) -> List[str]:
+  lines = ['## iRPE attention: kernels, blockwise, materialised '
+           '(`experiments.benchmarks.bench_flash`)', '']
+  if not flash:
+    return lines + ['No result (see the part below).', '']
+  shapes = flash['shapes']
+  fields = {f.name for f in dataclasses.fields(bench_flash.Entry)}
+  entries = [bench_flash.Entry(**{k: v for k, v in e.items() if k in fields})
+             for e in flash['entries']]
+  lines += [f'B={shapes["batch"]} H={shapes["heads"]} D={shapes["head_dim"]}'
+            f', {shapes.get("dtype", "float32")}, forward+backward; '
+            f'{flash["device_kind"]}, jax {flash["jax"]}, commit '
+            f'{flash["revision"]}.', '', bench_flash.markdown_table(entries),
+            '']
+  return lines + [f'- {line}' for line in
+                  list(flash['notes']) + bench_flash.goal_lines(entries)] + ['']
+
+
 def _train_section(train: Dict[Any, Optional[Dict[str, Any]]],
                    batch: int) -> List[str]:
   lines = ['## Training step (`experiments.benchmarks.bench_train`, DeiT-S, '
@@ -306,6 +342,7 @@ def write_report(results: Dict[str, Any], path: pathlib.Path) -> str:
               f'{tests["skipped"]} |', '']
   else:
     lines += ['No result (see the part below).', '']
+  lines += _flash_section(results.get('bench_flash'))
   lines += _rpe_section(results['bench_rpe'])
   lines += _train_section(results['bench_train'], results['batch'])
   lines += ['## Parts', '', '| part | status | seconds | log |',

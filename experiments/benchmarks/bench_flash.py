@@ -10,8 +10,12 @@ L this compiles the forward+backward of
 
 - 'materialized': `attention_with_rpe(..., attention_impl='materialized')`;
 - 'blockwise': the same with `attention_impl='blockwise'`;
+- 'pallas': the same with `attention_impl='pallas'`, the fused kernels
+  (on GPU and TPU; on CPU only with `--quick`, where they are interpreted);
 - plain 'blockwise': `attention_with_rpe` without iRPE, blockwise;
 - plain 'dot_product': `jax.nn.dot_product_attention` (XLA), no iRPE;
+- plain 'cudnn': the same with `implementation='cudnn'` (GPU only, and
+  bf16 or fp16 only: run `--dtype bfloat16`);
 
 as the gradients of `sum(out * ct)` w.r.t. q, k, v and the tables, with the
 cotangent `ct` a random argument (a constant one lets XLA fold the backward
@@ -39,6 +43,9 @@ its `attention_impl` 'materialized' and 'blockwise', and plain DETR
       --repeats 3
   python -m experiments.benchmarks.bench_flash --part detr
   python -m experiments.benchmarks.bench_flash --quick  # tiny, seconds
+  # On a GPU: the kernels against cuDNN's plain attention.
+  python -m experiments.benchmarks.bench_flash --dtype bfloat16 \
+      --impls materialized,pallas,cudnn
 """
 
 import dataclasses
@@ -78,9 +85,17 @@ ATTENTION_VARIANTS = (
     ('iRPE-K', 'k', 'blockwise'),
     ('iRPE-QKV', 'qkv', 'materialized'),
     ('iRPE-QKV', 'qkv', 'blockwise'),
+    ('iRPE-K', 'k', 'pallas'),
+    ('iRPE-QKV', 'qkv', 'pallas'),
     ('plain', None, 'blockwise'),
     ('plain', None, 'dot_product'),
+    ('plain', None, 'cudnn'),
 )
+IMPLS = ('materialized', 'blockwise', 'pallas', 'dot_product', 'cudnn')
+# The kernels' goal on GPU: iRPE-K attention (fwd+bwd) within this factor
+# of cuDNN's plain attention from `KERNEL_GOAL_LENGTH` tokens on.
+KERNEL_GOAL_RATIO = 1.2
+KERNEL_GOAL_LENGTH = 1024
 # The fewest (B, H, L, L) float32 arrays a materialised forward+backward
 # holds (XLA's temp at L = 4097: iRPE-K 3.0, iRPE-QKV 5.1, dot_product
 # 4.0). Beyond the budget it is not even compiled: XLA CPU's compile of
@@ -142,8 +157,8 @@ def memory_budget(max_gb: Optional[float]) -> int:
   return int(0.8 * info['MemAvailable'])
 
 
-def _random(key, shape) -> jax.Array:
-  return jax.random.normal(key, shape, jnp.float32)
+def _random(key, shape, dtype=jnp.float32) -> jax.Array:
+  return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
 class _AttentionCore(nn.Module):
@@ -215,12 +230,14 @@ def attention_program(rpe_on: Optional[str], impl: str, length: int,
   """`(fn, args)`: loss and grads of one attention variant at `length`."""
   b, h, d = args.batch, args.heads, args.head_dim
   keys = jax.random.split(key, 4)
-  q, k, v, ct = (_random(keys[i], (b, h, length, d)) for i in range(4))
-  if impl == 'dot_product':
+  q, k, v, ct = (_random(keys[i], (b, h, length, d), args.dtype)
+                 for i in range(4))
+  if impl in ('dot_product', 'cudnn'):
     # Its layout is (B, L, H, D); the inputs are made in it.
     q, k, v, ct = (jnp.swapaxes(x, 1, 2) for x in (q, k, v, ct))
+    implementation = 'cudnn' if impl == 'cudnn' else None
     apply = lambda params, q, k, v: jax.nn.dot_product_attention(
-        q, k, v, implementation=None)
+        q, k, v, implementation=implementation)
     return _loss_grads(apply, 3), ({}, q, k, v, ct)
   config = None if rpe_on is None else irpe_jax.get_rpe_config(
       ratio=1.9, method='product', mode='ctx', shared_head=True, skip=1,
@@ -327,12 +344,16 @@ def run_attention(args: Any, budget: int
           f'float32 = {square / MiB:.1f} MiB', flush=True)
     here = []
     for label, rpe_on, impl in ATTENTION_VARIANTS:
-      if label not in args.attention:
+      if label not in args.attention or impl not in args.impls:
         continue
       entry = Entry('attention', label, impl, length, grid, square)
       here.append(entry)
       estimate = MATERIALIZED_SQUARES * square
-      if impl != 'blockwise' and estimate > budget:
+      if impl == 'cudnn' and (jax.default_backend() != 'gpu' or
+                              args.dtype == jnp.float32):
+        entry.skipped = ('skipped: cuDNN attention needs a GPU and bf16 or '
+                         'fp16 (--dtype bfloat16)')
+      elif impl in ('materialized', 'dot_product') and estimate > budget:
         entry.skipped = (f'skipped: would need > {estimate / GiB:.1f} GB '
                          f'(estimate, not compiled)')
       else:
@@ -343,13 +364,16 @@ def run_attention(args: Any, budget: int
       print(f'  {label:<9}{impl:<13}' + _entry_status(entry), flush=True)
     time_entries(here, args.warmup, args.repeats, args.seed)
     for rpe_label in ('iRPE-K', 'iRPE-QKV'):
-      mat, blk = (_find(here, rpe_label, i) for i in ('materialized',
-                                                      'blockwise'))
-      if mat and blk and mat.result is not None and blk.result is not None:
-        notes.append(f'L={length} {rpe_label}: blockwise loss and grads '
-                     f'agree with materialized to '
-                     f'{relative_difference(blk.result, mat.result):.1e} '
-                     f'(relative to max)')
+      mat = _find(here, rpe_label, 'materialized')
+      for impl in ('blockwise', 'pallas'):
+        other = _find(here, rpe_label, impl)
+        if (mat and other and mat.result is not None and
+            other.result is not None):
+          notes.append(
+              f'L={length} {rpe_label}: {impl} grads agree with '
+              f'materialized to '
+              f'{relative_difference(other.result[1], mat.result[1]):.1e} '
+              f'(relative to max, worst leaf)')
     _release(here)
     entries += here
   return entries, notes
@@ -383,10 +407,10 @@ def run_detr(args: Any, budget: int
   notes = []
   materialized, blockwise = entries[0].result, entries[1].result
   if materialized is not None and blockwise is not None:
-    notes.append(f'DETR L={length}: blockwise loss and grads agree with '
+    notes.append(f'DETR L={length}: blockwise grads agree with '
                  f'materialized to '
-                 f'{relative_difference(blockwise, materialized):.1e} '
-                 f'(relative to max)')
+                 f'{relative_difference(blockwise[1], materialized[1]):.1e} '
+                 f'(relative to max, worst leaf)')
   _release(entries)
   return entries, notes
 
@@ -426,19 +450,24 @@ def markdown_table(entries: Sequence[Entry]) -> str:
   lines = [
       '| part | L (grid) | attention | impl | temp MiB | temp / (B,H,L,L) '
       '| args+out MiB | compile s | fwd+bwd ms | min ms | / materialized '
-      '| / plain blockwise |',
-      '|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+      '| / plain blockwise | / plain cuDNN |',
+      '|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
   for e in entries:
     same = [x for x in entries if x.part == e.part and x.length == e.length]
     materialized = next((x for x in same if x.label == e.label and
                          x.impl == 'materialized'), None)
     plain = next((x for x in same if x.label.endswith('plain') and
                   x.impl == 'blockwise'), None)
-    over_mat = over_plain = '-'
-    if e.impl == 'blockwise' and materialized is not None:
+    cudnn = next((x for x in same if x.label.endswith('plain') and
+                  x.impl == 'cudnn'), None)
+    over_mat = over_plain = over_cudnn = '-'
+    fused = e.impl in ('blockwise', 'pallas')
+    if fused and materialized is not None:
       over_mat = _ratio(e.median_ms, materialized.median_ms)
-    if e.impl == 'blockwise' and plain is not None and plain is not e:
+    if fused and plain is not None and plain is not e:
       over_plain = _ratio(e.median_ms, plain.median_ms)
+    if 'iRPE' in e.label and cudnn is not None:
+      over_cudnn = _ratio(e.median_ms, cudnn.median_ms)
     fraction = ('-' if e.temp_bytes is None else
                 f'{e.temp_bytes / e.square_bytes:.3f}')
     time_ms = (f'{e.median_ms:.1f}' if e.median_ms is not None else
@@ -448,7 +477,7 @@ def markdown_table(entries: Sequence[Entry]) -> str:
     lines.append(f'| {e.part} | {e.length} ({e.grid}) | {e.label} | {e.impl} '
                  f'| {_mib(e.temp_bytes)} | {fraction} | {_mib(e.io_bytes)} '
                  f'| {compile_s} | {time_ms} | {min_ms} | {over_mat} '
-                 f'| {over_plain} |')
+                 f'| {over_plain} | {over_cudnn} |')
   return '\n'.join(lines)
 
 
@@ -456,13 +485,21 @@ def goal_lines(entries: Sequence[Entry]) -> List[str]:
   """The memory goal at `GOAL_LENGTH`, where that length was measured."""
   lines = []
   for e in entries:
-    if (e.part == 'attention' and e.impl == 'blockwise' and
+    if (e.part == 'attention' and e.impl in ('blockwise', 'pallas') and
         e.length == GOAL_LENGTH and e.temp_bytes is not None):
       fraction = e.temp_bytes / e.square_bytes
       verdict = 'HOLDS' if fraction < GOAL_TEMP_FRACTION else 'MISSED'
-      lines.append(f'[{verdict}] {e.label} blockwise temp at L={e.length}: '
+      lines.append(f'[{verdict}] {e.label} {e.impl} temp at L={e.length}: '
                    f'{fraction:.4f} of one (B, H, L, L) float32 (goal < '
                    f'1/{round(1 / GOAL_TEMP_FRACTION)})')
+    cudnn = next((x for x in entries if x.length == e.length and
+                  x.impl == 'cudnn' and x.median_ms is not None), None)
+    if (e.label == 'iRPE-K' and e.impl == 'pallas' and cudnn is not None
+        and e.median_ms is not None and e.length >= KERNEL_GOAL_LENGTH):
+      ratio = e.median_ms / cudnn.median_ms
+      verdict = 'HOLDS' if ratio <= KERNEL_GOAL_RATIO else 'MISSED'
+      lines.append(f'[{verdict}] iRPE-K pallas at L={e.length}: {ratio:.2f}x '
+                   f'plain cuDNN attention (goal <= {KERNEL_GOAL_RATIO}x)')
   return lines
 
 
@@ -479,7 +516,9 @@ def results_dict(entries: Sequence[Entry], args: Any,
       'revision': _revision(),
       'shapes': dict(batch=args.batch, heads=args.heads,
                      head_dim=args.head_dim, block_q=args.block_q,
-                     block_k=args.block_k),
+                     block_k=args.block_k,
+                     dtype=jnp.dtype(args.dtype).name),
+      'impls': list(args.impls),
       'entries': [{f: getattr(e, f) for f in fields} for e in entries],
   }
 
@@ -494,6 +533,13 @@ flags.DEFINE_list('lengths', None,
 flags.DEFINE_list('attention', None,
                   "variants, of 'iRPE-K', 'iRPE-QKV', 'plain' (default all; "
                   "--quick: iRPE-QKV and plain, which have q, k and v terms)",
+                  flag_values=COMMAND.flags)
+flags.DEFINE_list('impls', None,
+                  f'implementations, of {", ".join(IMPLS)} (default: those '
+                  "this platform runs: no 'cudnn' off GPU, no 'pallas' on "
+                  "CPU but with --quick)", flag_values=COMMAND.flags)
+flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'),
+                  'q, k, v and cotangent dtype (the tables stay float32)',
                   flag_values=COMMAND.flags)
 flags.DEFINE_integer('batch', 1, '', flag_values=COMMAND.flags)
 flags.DEFINE_integer('heads', 8, '', flag_values=COMMAND.flags)
@@ -539,6 +585,15 @@ def parse_args(argv: Sequence[str]) -> Any:
   if unknown or not args.attention:
     sys.exit(f'error: --attention takes labels of {labels}, got '
              f'{",".join(args.attention)!r}.')
+  backend = jax.default_backend()
+  args.impls = tuple(args.impls or [
+      i for i in IMPLS if not (i == 'cudnn' and backend != 'gpu') and
+      not (i == 'pallas' and backend == 'cpu' and not args.quick)])
+  unknown = sorted(set(args.impls) - set(IMPLS))
+  if unknown or not args.impls:
+    sys.exit(f'error: --impls takes names of {list(IMPLS)}, got '
+             f'{",".join(args.impls)!r}.')
+  args.dtype = jnp.dtype(args.dtype)
   args.detr_grid, args.detr_valid_width = DETR_GRID, DETR_VALID_WIDTH
   args.detr_batch, args.detr_heads, args.detr_dim, args.detr_ffn = (
       2, 8, 256, 2048)
