@@ -7,8 +7,9 @@ peers are in `irpe_jax.nnx`.
 
 Layers, each importing only those before it: `buckets` (bucket ids, numpy)
 -> `ops` (lookups on arrays), `blockwise` (flash attention with the iRPE
-terms in its blocks) -> `config`, `core`, `tables`, `attention`
-(framework-free) -> `linen` | `nnx` -> `models` -> `convert`.
+terms in its blocks) -> `kernels` (the same, as Pallas kernels) -> `config`,
+`core`, `tables`, `attention` (framework-free) -> `linen` | `nnx` ->
+`models` -> `convert`.
 """
 
 from irpe_jax.attention import ATTENTION_IMPLS
@@ -28,6 +29,7 @@ from irpe_jax.config import RPEConfig
 from irpe_jax.config import SingleRPEConfig
 from irpe_jax.core import rpe_lookup
 from irpe_jax.initializers import torch_xavier_uniform
+from irpe_jax.kernels import pallas_attention
 from irpe_jax.linen import build_rpe
 from irpe_jax.linen import IRPE
 from irpe_jax.linen import IRPEAttention
@@ -56,6 +58,7 @@ __all__ = (
     'IRPEAttention',
     'IRPECross',
     'LogitTerm',
+    'pallas_attention',
     'parse_rpe_string',
     'piecewise_index',
     'resolve_attention_impl',

@@ -12,7 +12,7 @@ Two implementations compute it (`attention_impl`):
 - 'blockwise': flash attention in blocks with the iRPE terms computed
   inside each block (`irpe_jax.blockwise`): `O(L)` memory per head.
 - 'pallas': the blockwise computation as fused Pallas kernels for GPU and
-  TPU (`irpe_jax.pallas_attention`); on CPU they run in Pallas's
+  TPU (`irpe_jax.kernels`); on CPU they run in Pallas's
   interpreter (slow; for tests).
 - 'auto': 'blockwise' from `AUTO_BLOCKWISE_MIN_LENGTH` tokens on, else
   'materialized' (see `resolve_attention_impl`); 'pallas' instead of
@@ -27,8 +27,8 @@ import jax.numpy as jnp
 
 from irpe_jax import _checks
 from irpe_jax import blockwise
+from irpe_jax import kernels
 from irpe_jax import ops
-from irpe_jax import pallas_attention
 
 ATTENTION_IMPLS = ('auto', 'materialized', 'blockwise', 'pallas')
 # Where 'auto' switches to blockwise attention, in tokens, per platform
@@ -57,7 +57,7 @@ AUTO_BLOCKWISE_MIN_LENGTH_DEFAULT = 4096
 # fast it runs (scripts/accelerator_check.sh measures both). A platform goes
 # here once that script has run there and the kernels beat 'blockwise'.
 # Under 'auto' the cases the kernels do not take
-# (`pallas_attention.unsupported_reason`: dropout, masks over queries, ...)
+# (`kernels.unsupported_reason`: dropout, masks over queries, ...)
 # stay blockwise.
 AUTO_PALLAS_PLATFORMS: frozenset = frozenset()
 
@@ -157,7 +157,7 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     weights_hook: called with the `(B, H, L, L)` attention weights before
       dropout (for example to `sow` them for visualisation); only the
       materialised path forms them, 'blockwise' does not call it.
-    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto' (see
       `resolve_attention_impl`). 'blockwise' needs the rpe modules of this
       library (it calls them with `as_term=True` for their tables and
       geometries instead of their encodings), and takes dropout as
@@ -190,7 +190,7 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
                       height=height, width=width, block_q=block_q,
                       block_k=block_k, dropout_rate=dropout_rate,
                       dropout_rng=dropout_rng,
-                      kernels=None if attention_impl == 'auto' else False)
+                      use_kernels=None if attention_impl == 'auto' else False)
   if impl == 'pallas':
     if dropout is not None:
       raise TypeError("attention_impl='pallas' takes no dropout; its "
@@ -199,7 +199,7 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
     return _blockwise(q, k, v, scale=scale, rpes=rpes, mask=mask,
                       height=height, width=width, block_q=block_q,
                       block_k=block_k, dropout_rate=dropout_rate,
-                      dropout_rng=dropout_rng, kernels=True)
+                      dropout_rng=dropout_rng, use_kernels=True)
   return _materialized(q, k, v, scale=scale, mask=mask, dropout=dropout,
                        height=height, width=width, weights_hook=weights_hook,
                        **rpes)
@@ -252,10 +252,10 @@ def _terms(name: str, rpe: RPEFn, x: jax.Array, height, width, **kwargs
 
 
 def _blockwise(q, k, v, *, scale, rpes, mask, height, width, block_q,
-               block_k, dropout_rate, dropout_rng, kernels):
+               block_k, dropout_rate, dropout_rng, use_kernels):
   """`attention_with_rpe` by `blockwise.blockwise_attention`, or by
-  `pallas_attention.pallas_attention`: with `kernels=True`, or, with
-  `kernels=None`, on `AUTO_PALLAS_PLATFORMS` where they take the case."""
+  `kernels.pallas_attention`: with `use_kernels=True`, or, with
+  `use_kernels=None`, on `AUTO_PALLAS_PLATFORMS` where they take the case."""
   dtype = q.dtype
   q = q * jnp.asarray(scale, dtype)
   logit_terms = []
@@ -270,15 +270,15 @@ def _blockwise(q, k, v, *, scale, rpes, mask, height, width, block_q,
   if rpes['rpe_v'] is not None:
     value_terms = _terms('rpe_v', rpes['rpe_v'], v, height, width)
   value_geometries = [t.geometry for t in value_terms]
-  if kernels is None and jax.default_backend() in AUTO_PALLAS_PLATFORMS:
-    kernels = pallas_attention.unsupported_reason(
+  if use_kernels is None and jax.default_backend() in AUTO_PALLAS_PLATFORMS:
+    use_kernels = kernels.unsupported_reason(
         q, v, logit_terms, value_geometries, mask, dropout_rate) is None
-  if kernels:
+  if use_kernels:
     if dropout_rate:
       raise ValueError(f"attention_impl='pallas' takes no dropout, got "
                        f"dropout_rate={dropout_rate}; its kernels have "
                        f"none (use attention_impl='blockwise').")
-    out, sums = pallas_attention.pallas_attention(
+    out, sums = kernels.pallas_attention(
         q, k, v, logit_terms=logit_terms, value_geometries=value_geometries,
         mask=mask, block_q=block_q, block_k=block_k)
   else:

@@ -194,9 +194,9 @@ class IRPEAttention(nn.Module):
     bias_init: initializer of their biases.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
     table_init: initializer of the iRPE tables; zeros as in the release.
-    attention_impl: 'materialized', 'blockwise' or 'auto' (default; see
-      `irpe_jax.attention.resolve_attention_impl`). The blockwise path does
-      not sow the attention weights.
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto'
+      (default; see `irpe_jax.attention`). The blockwise paths do not sow
+      the attention weights; 'pallas' takes no attention dropout.
     block_q: queries per block of the blockwise path (default 128).
     block_k: keys per block of the blockwise path (default 128).
   """

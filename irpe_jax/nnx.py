@@ -197,8 +197,8 @@ class IRPEAttention(nnx.Module):
     bias_init: initializer of their biases.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
     table_init: initializer of the iRPE tables; zeros as in the release.
-    attention_impl: 'materialized', 'blockwise' or 'auto'; see the Linen
-      `IRPEAttention`.
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto'; see
+      the Linen `IRPEAttention`.
     block_q: queries per block of the blockwise path (default 128).
     block_k: keys per block of the blockwise path (default 128).
     rngs: `nnx.Rngs` with a 'params' stream (and 'dropout' for training).

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One command for a machine with a GPU or a TPU: makes an environment with
 # the jax of that accelerator, prints the backend and its devices, runs the
-# parity tests there, benchmarks every iRPE impl (experiments.benchmarks.bench_rpe) and
+# parity tests there, times the iRPE attention kernels against blockwise,
+# materialised and cuDNN attention (experiments.benchmarks.bench_flash),
+# benchmarks every iRPE impl (experiments.benchmarks.bench_rpe) and
 # the DeiT-S training step plain / iRPE-K / iRPE-QKV in float32 and bf16
 # with each one's peak device memory (experiments.benchmarks.bench_train), and writes a
 # markdown report (see experiments/benchmarks/accelerator_check.py).
@@ -34,7 +36,7 @@ out="runs/accelerator_report.md"
 budget=420
 extra_args=()
 
-usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --venv) venv="$2"; shift 2 ;;

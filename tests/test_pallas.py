@@ -24,7 +24,7 @@ from irpe_jax import blockwise
 from irpe_jax import buckets
 from irpe_jax import config as config_lib
 from irpe_jax import nnx as irpe_nnx
-from irpe_jax import pallas_attention as pa
+from irpe_jax import kernels as pa
 import golden
 import test_bf16
 

@@ -218,7 +218,7 @@ class DETR(nn.Module):
     rpe_table_init: 'xavier_uniform' (the release) or 'zeros', or an
       initializer.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
-    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto' (see
       `irpe_jax.attention.resolve_attention_impl`).
     remat: rematerialises each transformer layer in the backward pass.
     dtype: computation dtype (softmax stays float32).

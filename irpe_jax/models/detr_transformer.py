@@ -156,7 +156,7 @@ class EncoderLayer(nn.Module):
     rpe_config: iRPE of the self-attention (`skip` 0), or None.
     rpe_table_init: initializer of the iRPE tables.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
-    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto' (see
       `irpe_jax.attention.resolve_attention_impl`).
     dtype: computation dtype.
     param_dtype: parameter dtype.
@@ -310,7 +310,7 @@ class Transformer(nn.Module):
       tables), or None for DETR's plain encoder.
     rpe_table_init: initializer of the iRPE tables.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
-    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto' (see
       `irpe_jax.attention.resolve_attention_impl`).
     remat: rematerialises each layer in the backward pass.
     dtype: computation dtype.

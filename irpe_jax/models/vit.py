@@ -255,7 +255,7 @@ class VisionTransformer(nn.Module):
       float32.
     param_dtype: parameter dtype.
     impl: iRPE lookup implementation, see `irpe_jax.ops`.
-    attention_impl: 'materialized', 'blockwise' or 'auto' (see
+    attention_impl: 'materialized', 'blockwise', 'pallas' or 'auto' (see
       `irpe_jax.attention.resolve_attention_impl`).
   """
   img_size: Union[int, Tuple[int, int]] = 224
