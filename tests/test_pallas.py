@@ -8,10 +8,12 @@ in Pallas's interpreter; `jax.export` lowers them for 'tpu' (Mosaic) and
 """
 
 import functools
+import inspect
 import re
 
 from flax import nnx
 import jax
+from jax import export
 from jax.sharding import AbstractMesh
 import jax.numpy as jnp
 import numpy as np
@@ -103,15 +105,21 @@ def _export(backend):
   step = jax.jit(jax.value_and_grad(
       functools.partial(_all_terms_loss, backend), argnums=tuple(range(6))))
   if backend == 'tpu':
-    return jax.export.export(step, platforms=['tpu'])(*args)
+    return export.export(step, platforms=['tpu'])(*args)
   # Triton lowers for a target GPU, which an abstract mesh names.
   from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  device = mesh_lib.AbstractDevice(device_kind='NVIDIA H100', num_cores=None,
-                                   platform='cuda')
+  fields = inspect.signature(mesh_lib.AbstractDevice).parameters
+  device = mesh_lib.AbstractDevice(**{
+      k: v for k, v in (('device_kind', 'NVIDIA H100'), ('num_cores', None),
+                        ('num_tpu_cores', None), ('platform', 'cuda'))
+      if k in fields})
   mesh = AbstractMesh((1,), ('x',), abstract_device=device)
-  with jax.sharding.use_abstract_mesh(mesh):
-    return jax.export.export(step, platforms=['cuda'], disabled_checks=[
-        jax.export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
+  # jax.sharding's since jax 0.8; before, only jax._src.mesh's.
+  use_mesh = getattr(jax.sharding, 'use_abstract_mesh',
+                     mesh_lib.use_abstract_mesh)
+  with use_mesh(mesh):
+    return export.export(step, platforms=['cuda'], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call('__gpu$xla.gpu.triton')
     ])(*args)
 
 
