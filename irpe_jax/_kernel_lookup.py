@@ -129,60 +129,65 @@ def spatial_pairs(row_offsets: jax.Array, height: int) -> jax.Array:
   return (row_offsets < height) & (row_offsets > -height)
 
 
+def _slot_index(width: int, axis: int) -> jax.Array:
+  """int32 `0 .. width - 1` along `axis` of a 2-D shape, 1 on the other."""
+  shape = (1, width) if axis == 1 else (width, 1)
+  return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _lookup(values: jax.Array, slots: jax.Array, num_slots: int,
+            axis: int) -> jax.Array:
+  """`slots`' entries of `values`, whose slots run along `axis`."""
+  index = _slot_index(values.shape[axis], axis)
+
+  def one_slot(slot, out):
+    picked = jnp.sum(jnp.where(index == slot, values, 0.0), axis=axis,
+                     keepdims=True)
+    return jnp.where(slots == slot, picked, out)
+
+  return jax.lax.fori_loop(0, num_slots, one_slot,
+                           jnp.zeros(slots.shape, jnp.float32))
+
+
+def _scatter(a: jax.Array, slots: jax.Array, num_slots: int, width: int,
+             axis: int) -> jax.Array:
+  """Transpose of `_lookup`: `a` summed by slot along `axis`, the slots
+  laid out along it (`width` of them)."""
+  index = _slot_index(width, axis)
+  shape = (a.shape[0], width) if axis == 1 else (width, a.shape[1])
+
+  def one_slot(slot, out):
+    summed = jnp.sum(jnp.where(slots == slot, a, 0.0), axis=axis,
+                     keepdims=True)
+    return out + jnp.where(index == slot, summed, 0.0)
+
+  return jax.lax.fori_loop(0, num_slots, one_slot,
+                           jnp.zeros(shape, jnp.float32))
+
+
 def lookup_rows(values: jax.Array, slots: jax.Array, num_slots: int
                 ) -> jax.Array:
   """`out[i, j] = values[i, slots[i, j]]` (`values (n or 1, W)` float32,
   `slots (n, m)`)."""
-  lane = jax.lax.broadcasted_iota(jnp.int32, (1, values.shape[1]), 1)
-
-  def one_slot(slot, out):
-    column = jnp.sum(jnp.where(lane == slot, values, 0.0), axis=1,
-                     keepdims=True)
-    return jnp.where(slots == slot, column, out)
-
-  return jax.lax.fori_loop(0, num_slots, one_slot,
-                           jnp.zeros(slots.shape, jnp.float32))
+  return _lookup(values, slots, num_slots, axis=1)
 
 
 def lookup_cols(values_t: jax.Array, slots: jax.Array, num_slots: int
                 ) -> jax.Array:
   """`out[i, j] = values_t[slots[i, j], j]` (`values_t (W, m)` float32,
   the per-key values with slots leading)."""
-  sublane = jax.lax.broadcasted_iota(jnp.int32, (values_t.shape[0], 1), 0)
-
-  def one_slot(slot, out):
-    row = jnp.sum(jnp.where(sublane == slot, values_t, 0.0), axis=0,
-                  keepdims=True)
-    return jnp.where(slots == slot, row, out)
-
-  return jax.lax.fori_loop(0, num_slots, one_slot,
-                           jnp.zeros(slots.shape, jnp.float32))
+  return _lookup(values_t, slots, num_slots, axis=0)
 
 
 def scatter_rows(a: jax.Array, slots: jax.Array, num_slots: int,
                  width: int) -> jax.Array:
   """Transpose of `lookup_rows`: `out[i, s] = sum_{j: slots[i, j] = s}
   a[i, j]`, `(n, width)` float32."""
-  lane = jax.lax.broadcasted_iota(jnp.int32, (1, width), 1)
-
-  def one_slot(slot, out):
-    column = jnp.sum(jnp.where(slots == slot, a, 0.0), axis=1,
-                     keepdims=True)
-    return out + jnp.where(lane == slot, column, 0.0)
-
-  return jax.lax.fori_loop(0, num_slots, one_slot,
-                           jnp.zeros((a.shape[0], width), jnp.float32))
+  return _scatter(a, slots, num_slots, width, axis=1)
 
 
 def scatter_cols(a: jax.Array, slots: jax.Array, num_slots: int,
                  width: int) -> jax.Array:
   """Transpose of `lookup_cols`: `out[s, j] = sum_{i: slots[i, j] = s}
   a[i, j]`, `(width, m)` float32."""
-  sublane = jax.lax.broadcasted_iota(jnp.int32, (width, 1), 0)
-
-  def one_slot(slot, out):
-    row = jnp.sum(jnp.where(slots == slot, a, 0.0), axis=0, keepdims=True)
-    return out + jnp.where(sublane == slot, row, 0.0)
-
-  return jax.lax.fori_loop(0, num_slots, one_slot,
-                           jnp.zeros((width, a.shape[1]), jnp.float32))
+  return _scatter(a, slots, num_slots, width, axis=0)

@@ -181,28 +181,28 @@ def attention_with_rpe(q: jax.Array, k: jax.Array, v: jax.Array, *,
       or not all(fn is None or getattr(fn, 'returns_terms', False)
                  for fn in rpes.values())):
     impl = 'materialized'
-  if impl == 'blockwise':
-    if dropout is not None and not dropout_rate:
-      raise TypeError("attention_impl='blockwise' cannot apply a dropout "
-                      'function to weights it never forms; pass '
-                      'dropout_rate= and dropout_rng= instead.')
+  if impl in ('blockwise', 'pallas'):
+    if dropout is not None and (impl == 'pallas' or not dropout_rate):
+      raise TypeError(_NO_DROPOUT_FUNCTION[impl])
+    # 'auto' may take the kernels (AUTO_PALLAS_PLATFORMS); 'blockwise' never.
+    use_kernels = True if impl == 'pallas' else (
+        None if attention_impl == 'auto' else False)
     return _blockwise(q, k, v, scale=scale, rpes=rpes, mask=mask,
                       height=height, width=width, block_q=block_q,
                       block_k=block_k, dropout_rate=dropout_rate,
-                      dropout_rng=dropout_rng,
-                      use_kernels=None if attention_impl == 'auto' else False)
-  if impl == 'pallas':
-    if dropout is not None:
-      raise TypeError("attention_impl='pallas' takes no dropout; its "
-                      'kernels have none (use '
-                      "attention_impl='blockwise').")
-    return _blockwise(q, k, v, scale=scale, rpes=rpes, mask=mask,
-                      height=height, width=width, block_q=block_q,
-                      block_k=block_k, dropout_rate=dropout_rate,
-                      dropout_rng=dropout_rng, use_kernels=True)
+                      dropout_rng=dropout_rng, use_kernels=use_kernels)
   return _materialized(q, k, v, scale=scale, mask=mask, dropout=dropout,
                        height=height, width=width, weights_hook=weights_hook,
                        **rpes)
+
+
+_NO_DROPOUT_FUNCTION = {
+    'blockwise': ("attention_impl='blockwise' cannot apply a dropout "
+                  'function to weights it never forms; pass dropout_rate= '
+                  'and dropout_rng= instead.'),
+    'pallas': ("attention_impl='pallas' takes no dropout; its kernels have "
+               "none (use attention_impl='blockwise')."),
+}
 
 
 def _materialized(q, k, v, *, scale, rpe_q, rpe_k, rpe_v, mask, dropout,

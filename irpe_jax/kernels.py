@@ -29,7 +29,7 @@ on GPU head sizes Triton cannot tile); `attention_with_rpe` falls back to
 
 Each program holds its head's keys and values (and, for rpe_q, its keys'
 slot values) in fast memory, `O(L * (D + P))`: on TPU that bounds `L` by
-VMEM (tens of thousands of tokens at D = 64).
+VMEM (an estimate, not measured: tens of thousands of tokens at D = 64).
 
 `backend='interpret'` runs the kernels in Pallas's interpreter, on any
 platform (slow; for tests on CPU).
@@ -50,9 +50,10 @@ from irpe_jax import blockwise
 from irpe_jax.buckets import BucketGeometry
 
 BACKENDS = ('tpu', 'gpu', 'interpret')
-# Queries and keys per block. TPU: 128, a full lane width (the key-side
-# arrays are sliced along lanes); GPU: 64, which keeps a (64, 64) float32
-# block and its slot walk in registers at 4 warps.
+# Queries and keys per block, reasoned, not measured. TPU: 128, a full lane
+# width (the key-side arrays are sliced along lanes); GPU: 64, between the
+# forward (128) and backward (32) blocks of JAX's Triton flash kernel, as
+# the three kernels here share one size; 4 warps.
 DEFAULT_BLOCK = {'tpu': 128, 'gpu': 64, 'interpret': 128}
 
 _F32_MIN = float(np.finfo(np.float32).min)
@@ -101,12 +102,6 @@ def default_backend() -> str:
       platform, 'interpret')
 
 
-def _grid(terms, value_geometries):
-  grids = {(g.height, g.width, g.skip) for g in
-           [t.geometry for t in terms] + list(value_geometries)}
-  return grids
-
-
 def unsupported_reason(q: jax.Array, v: jax.Array,
                        logit_terms: Sequence[blockwise.LogitTerm] = (),
                        value_geometries: Sequence[BucketGeometry] = (),
@@ -130,7 +125,8 @@ def unsupported_reason(q: jax.Array, v: jax.Array,
     return (f'a mask that varies over queries (shape {mask.shape}) is not in '
             f'the kernels; they take key masks, broadcastable to '
             f'(B, H, 1, L)')
-  grids = _grid(logit_terms, value_geometries)
+  grids = {(g.height, g.width, g.skip) for g in
+           [t.geometry for t in logit_terms] + list(value_geometries)}
   if len(grids) > 1:
     return (f'the iRPE terms are on different token grids (height, width, '
             f'skip) {sorted(grids)}; the kernels need one')
@@ -292,6 +288,21 @@ def _forward_kernel(spec: _Spec, *refs):
     ref[...] = s * inverse
 
 
+def _weights_and_grads(spec: _Spec, block: '_BlockTerms', logits, m,
+                        inverse_l, do, v, d_sums, delta, mask_row):
+  """`(p, d_logits)` of a backward block: its weights, from the forward's
+  row statistics, and the gradient of its logits (zero where masked)."""
+  p = jnp.exp(logits - m) * inverse_l
+  d_p = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+  for g, ds in zip(spec.values, d_sums):
+    d_p = d_p + kl.lookup_rows(ds, block.slots(g, False), g.num_slots)
+  d_logits = p * (d_p - delta)
+  if mask_row is not None:
+    d_logits = jnp.where(mask_row != 0, d_logits, 0.0)
+  return p, d_logits
+
+
 def _dq_kernel(spec: _Spec, *refs):
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   bk, width = spec.block_k, spec.slot_width
@@ -317,14 +328,8 @@ def _dq_kernel(spec: _Spec, *refs):
                         kc_ref[:, k_slice])
     logits = block.logits(
         q, k, _term_values(spec, term_refs, all_q, k_slice), start, mask_row)
-    p = jnp.exp(logits - m) * inverse_l
-    d_p = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    for g, ds in zip(spec.values, d_sums):
-      d_p = d_p + kl.lookup_rows(ds, block.slots(g, False), g.num_slots)
-    d_logits = p * (d_p - delta)
-    if mask_row is not None:
-      d_logits = jnp.where(mask_row != 0, d_logits, 0.0)
+    _, d_logits = _weights_and_grads(spec, block, logits, m, inverse_l, do,
+                                     v, d_sums, delta, mask_row)
     dq = dq + jnp.dot(d_logits.astype(k.dtype), k,
                       preferred_element_type=jnp.float32)
     rows, biases = iter(range(n_rows)), iter(range(n_bias))
@@ -380,17 +385,11 @@ def _dkv_kernel(spec: _Spec, *refs):
     logits = block.logits(
         q, k, _term_values(spec, term_refs, q_slice, all_k), k_start,
         mask_row)
-    p = jnp.exp(logits - m) / l
+    p, d_logits = _weights_and_grads(
+        spec, block, logits, m, 1.0 / l, do, v,
+        [ref[q_slice, :] for ref in d_sum_refs], delta, mask_row)
     dv = dv + jnp.dot(p.astype(do.dtype).T, do,
                       preferred_element_type=jnp.float32)
-    d_p = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32)
-    for g, ref in zip(spec.values, d_sum_refs):
-      d_p = d_p + kl.lookup_rows(ref[q_slice, :], block.slots(g, False),
-                                 g.num_slots)
-    d_logits = p * (d_p - delta)
-    if mask_row is not None:
-      d_logits = jnp.where(mask_row != 0, d_logits, 0.0)
     dk = dk + jnp.dot(d_logits.astype(q.dtype).T, q,
                       preferred_element_type=jnp.float32)
     d_cols = [d + kl.scatter_cols(d_logits, block.slots(t.lookup, True),
@@ -455,6 +454,17 @@ class _Specs:
             (None, 1, width),
             lambda b, h, i, shared=shared: (0 if shared else h, 0, 0)))
     return out
+
+  def partial_bias(self):
+    """`(B, H, blocks, 1, W)` partial bias gradients, one per program."""
+    return self._pl.BlockSpec((None, None, None, 1, self._spec.slot_width),
+                              lambda b, h, i: (b, h, i, 0, 0))
+
+  def key_slots(self):
+    """`(B, H, W, L)` per-key slot arrays, one key block."""
+    return self._pl.BlockSpec(
+        (None, None, self._spec.slot_width, self._spec.block_k),
+        lambda b, h, i: (b, h, 0, i))
 
   def mask(self, k_size: int):
     if self._spec.mask_shape is None:
@@ -526,10 +536,8 @@ def _backward(spec: _Spec, q, k, v, zs, mask, out, stats, sums, d_out,
            + [s.block(bq, dv)] + [s.block(bq, 1)] * 3
            + [s.block(bq, width) for _ in spec.values])
   rows, biases = spec.of_kind('rows'), spec.of_kind('bias')
-  bias_spec = _Specs(spec)._pl.BlockSpec(  # pylint: disable=protected-access
-      (None, None, None, 1, width), lambda b, h, i: (b, h, i, 0, 0))
   dq_out = ([s.block(bq, dim)] + [s.block(bq, width) for _ in rows]
-            + [bias_spec for _ in biases])
+            + [s.partial_bias() for _ in biases])
   dq_shape = ([jax.ShapeDtypeStruct((batch, heads, length, dim), f32)]
               + [jax.ShapeDtypeStruct((batch, heads, length, width), f32)
                  for _ in rows]
@@ -549,9 +557,8 @@ def _backward(spec: _Spec, q, k, v, zs, mask, out, stats, sums, d_out,
             + s.terms(length, bk) + s.mask(bk)
             + [s.whole(dv)] + [s.whole(1)] * 3
             + [s.whole(width) for _ in spec.values])
-  col_spec = _Specs(spec)._pl.BlockSpec(  # pylint: disable=protected-access
-      (None, None, width, bk), lambda b, h, i: (b, h, 0, i))
-  dkv_out = [s.block(bk, dim), s.block(bk, dv)] + [col_spec for _ in cols]
+  dkv_out = ([s.block(bk, dim), s.block(bk, dv)]
+             + [s.key_slots() for _ in cols])
   dkv_shape = ([jax.ShapeDtypeStruct((batch, heads, length, dim), f32),
                 jax.ShapeDtypeStruct((batch, heads, length, dv), f32)]
                + [jax.ShapeDtypeStruct((batch, heads, width, length), f32)
@@ -705,7 +712,6 @@ def pallas_attention(
       zs.append(_pad_tokens(z, padded))
   mask_shape = None
   if mask is not None:
-    mask = jnp.asarray(mask).reshape((1,) * (4 - mask.ndim) + mask.shape)
     mask = jnp.broadcast_to(mask, mask.shape[:3] + (length,))
     mask = _pad_tokens(mask.astype(jnp.int32), padded, axis=3)
     mask_shape = mask.shape[:2]
