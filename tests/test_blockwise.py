@@ -62,7 +62,7 @@ def _single(case):
   return dict(zip(RPE_NAMES, rpes))
 
 
-def _assert_trees_close(actual, expected, rtol=RTOL):
+def _assert_trees_close(actual, expected, rtol=RTOL, label=''):
   """Leaf by leaf; `value_and_grad` results compare output and gradients
   (their loss, a sum with cancellations, is no output)."""
   drop_loss = lambda r: (r[0][1], r[1]) if isinstance(r, tuple) and len(
@@ -70,12 +70,26 @@ def _assert_trees_close(actual, expected, rtol=RTOL):
   actual, expected = drop_loss(actual), drop_loss(expected)
   paths = jax.tree_util.tree_flatten_with_path(expected)[0]
   for (path, want), got in zip(paths, jax.tree.leaves(actual)):
-    golden.assert_close(got, want, rtol, jax.tree_util.keystr(path))
+    golden.assert_close(got, want, rtol,
+                        f'{label} {jax.tree_util.keystr(path)}'.strip())
+
+
+def _each_impl(value_and_grad):
+  """Jitted `[materialised, *IMPLS]` results of `value_and_grad(impl)`:
+  one compile for all three (the materialised reference compiled once)."""
+  return jax.jit(lambda *a: [value_and_grad(impl)(*a)
+                             for impl in ('materialized',) + IMPLS])
+
+
+def _assert_impls_close(results):
+  want, *got = results
+  for impl, result in zip(IMPLS, got):
+    _assert_trees_close(result, want, label=impl)
 
 
 @functools.lru_cache(maxsize=None)
-def _module_case_fn(case_key, impl):
-  """Jitted `(both impls' loss and grads)` of one golden module case."""
+def _module_case_fn(case_key):
+  """Jitted `[loss and grads]` of one golden module case, per impl."""
   case, _ = next((c, a) for c, a in MODULE_CASES if c['key'] == case_key)
   modules = _single(case)
   height, width = case['height'], case['width']
@@ -87,9 +101,8 @@ def _module_case_fn(case_key, impl):
         **BLOCKS, **bound)
     return jnp.sum(out * cotangent), out
 
-  grad = lambda impl: jax.value_and_grad(
-      functools.partial(loss, impl), argnums=(0, 1, 2, 3), has_aux=True)
-  return jax.jit(lambda *a: (grad('materialized')(*a), grad(impl)(*a)))
+  return _each_impl(lambda impl: jax.value_and_grad(
+      functools.partial(loss, impl), argnums=(0, 1, 2, 3), has_aux=True))
 
 
 RPE_NAMES = ('rpe_q', 'rpe_k', 'rpe_v')
@@ -110,11 +123,10 @@ def _bound(modules, variables):
   return bound
 
 
-@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case,arrays', MODULE_CASES,
                          ids=[c['key'] for c, _ in MODULE_CASES])
-def test_golden_module_blockwise_equals_materialized(case, arrays, impl):
-  """Each golden table, on its target, in attention: both paths agree."""
+def test_golden_module_blockwise_equals_materialized(case, arrays):
+  """Each golden table, on its target, in attention: all paths agree."""
   params = golden.nest({n: jnp.asarray(arrays[f'param/{n}'])
                         for n in case['params']})
   batch, heads, dim = case['batch'], case['num_heads'], case['head_dim']
@@ -122,8 +134,8 @@ def test_golden_module_blockwise_equals_materialized(case, arrays, impl):
   keys = jax.random.split(jax.random.key(len(case['key'])), 4)
   q, k, v, cotangent = (jax.random.normal(key, (batch, heads, length, dim))
                         for key in keys)
-  want, got = _module_case_fn(case['key'], impl)(params, q, k, v, cotangent)
-  _assert_trees_close(got, want)
+  _assert_impls_close(_module_case_fn(case['key'])(params, q, k, v,
+                                                   cotangent))
 
 
 def _attention_module(case, impl, **kwargs):
@@ -136,10 +148,9 @@ def _attention_module(case, impl, **kwargs):
                                 attention_impl=impl, **kwargs)
 
 
-@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case,arrays', ATTENTION_CASES,
                          ids=[c['key'] for c, _ in ATTENTION_CASES])
-def test_golden_attention_blockwise_matches_release(case, arrays, impl):
+def test_golden_attention_blockwise_matches_release(case, arrays):
   """IRPEAttention, blockwise: equal to the release and to materialised."""
   import test_parity  # pylint: disable=g-import-not-at-top
   params = test_parity.torch_attention_params(
@@ -150,21 +161,19 @@ def test_golden_attention_blockwise_matches_release(case, arrays, impl):
         {'params': params}, x, height=case['height'], width=case['width'])
     return jnp.sum(y * arrays['cotangent']), y
 
-  both = jax.jit(lambda p, x: [jax.value_and_grad(
-      functools.partial(loss, i), argnums=(0, 1), has_aux=True)(p, x)
-                               for i in ('materialized', impl)])
-  want, got = both(params, jnp.asarray(arrays['x']))
-  (_, y), (grads, grad_x) = got
-  golden.assert_close(y, arrays['y'], RTOL, 'y')
-  golden.assert_close(grad_x, arrays['grad_x'], RTOL, 'grad_x')
-  test_parity._assert_grads(grads, arrays, case['params'])
-  _assert_trees_close(got, want)
+  results = _each_impl(lambda impl: jax.value_and_grad(
+      functools.partial(loss, impl), argnums=(0, 1), has_aux=True))(
+          params, jnp.asarray(arrays['x']))
+  for impl, ((_, y), (grads, grad_x)) in zip(IMPLS, results[1:]):
+    golden.assert_close(y, arrays['y'], RTOL, f'{impl} y')
+    golden.assert_close(grad_x, arrays['grad_x'], RTOL, f'{impl} grad_x')
+    test_parity._assert_grads(grads, arrays, case['params'])
+  _assert_impls_close(results)
 
 
-@pytest.mark.parametrize('impl', IMPLS)
 @pytest.mark.parametrize('case,arrays', DETR_CASES,
                          ids=[c['key'] for c, _ in DETR_CASES])
-def test_golden_detr_attention_blockwise_matches_release(case, arrays, impl):
+def test_golden_detr_attention_blockwise_matches_release(case, arrays):
   """Non-square maps, key padding, q = k = src + pos and v = src, skip 0."""
   import test_parity  # pylint: disable=g-import-not-at-top
   cfg = irpe_jax.parse_rpe_string(
@@ -185,16 +194,15 @@ def test_golden_detr_attention_blockwise_matches_release(case, arrays, impl):
                      height=case['height'], width=case['width'], mask=mask)
     return jnp.sum(y * cotangent), y
 
-  both = jax.jit(lambda p, x: [jax.value_and_grad(
-      functools.partial(loss, i), argnums=(0, 1), has_aux=True)(p, x)
-                               for i in ('materialized', impl)])
-  want, got = both(params, batch_first(arrays['src_LBE']))
-  (_, y), (grads, grad_src) = got
-  golden.assert_close(y, batch_first(arrays['y_LBE']), RTOL, 'y')
-  golden.assert_close(grad_src, batch_first(arrays['grad_src']), RTOL,
-                      'grad_src')
-  test_parity._assert_grads(grads, arrays, case['params'])
-  _assert_trees_close(got, want)
+  results = _each_impl(lambda impl: jax.value_and_grad(
+      functools.partial(loss, impl), argnums=(0, 1), has_aux=True))(
+          params, batch_first(arrays['src_LBE']))
+  for impl, ((_, y), (grads, grad_src)) in zip(IMPLS, results[1:]):
+    golden.assert_close(y, batch_first(arrays['y_LBE']), RTOL, f'{impl} y')
+    golden.assert_close(grad_src, batch_first(arrays['grad_src']), RTOL,
+                        f'{impl} grad_src')
+    test_parity._assert_grads(grads, arrays, case['params'])
+  _assert_impls_close(results)
 
 
 METHODS = ('euc', 'quant', 'cross', 'product')
@@ -309,15 +317,22 @@ def test_row_lookup_equals_the_gather_at_the_geometry_ids():
                                     15.2)
     z = jax.random.normal(jax.random.key(0), (2, 3, g.length, g.num_buckets))
     # Every query, and a block of queries that starts mid-row.
+    row_blocks = ((0, height), (1, 2), (height - 1, 1))
     for q_tokens in (np.arange(g.length), np.arange(2, 2 + width + 3)):
-      lookup = _row_lookup.RowLookup(g, jnp.asarray(q_tokens, jnp.int32),
-                                     z[:, :, q_tokens])
-      for first_row, rows in ((0, height), (1, 2), (height - 1, 1)):
+      # Jitted, the first rows traced, as blockwise attention runs it
+      # (eagerly, each of its small ops compiles on its own).
+      lookups = jax.jit(
+          lambda z, first_rows, q_tokens=q_tokens, g=g, rows=row_blocks: [
+              _row_lookup.RowLookup(g, jnp.asarray(q_tokens, jnp.int32), z)(
+                  first_rows[i], n_rows)
+              for i, (_, n_rows) in enumerate(rows)])(
+                  z[:, :, q_tokens],
+                  jnp.asarray([first for first, _ in row_blocks], jnp.int32))
+      for (first_row, rows), got in zip(row_blocks, lookups):
         keys = skip + first_row * width + np.arange(rows * width)
         want = np.take_along_axis(np.asarray(z)[:, :, q_tokens],
                                   g.ids[q_tokens][:, keys][None, None], -1)
-        np.testing.assert_array_equal(lookup(jnp.int32(first_row), rows),
-                                      want)
+        np.testing.assert_array_equal(got, want)
 
 
 def test_key_blocks_are_grid_rows_with_rpe_k_and_tokens_otherwise():

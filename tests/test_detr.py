@@ -481,15 +481,26 @@ def test_dc5_dilates_the_last_stage_as_torchvision():
   strided = resnet.ResNet((1, 1, 1, 2), width=4)
   dilated = resnet.ResNet((1, 1, 1, 2), width=4, dilate_last=True)
   images = jax.random.normal(jax.random.key(0), (2, 64, 96, 3))
-  params = strided.init(jax.random.key(1), images)
-  assert (jax.tree.map(jnp.shape, params)
-          == jax.tree.map(jnp.shape, dilated.init(jax.random.key(1), images)))
-  # Non-trivial frozen batch norms, so that every norm is exercised.
-  params = jax.tree.map(
-      lambda x: x + 0.1 * jax.random.uniform(jax.random.key(x.size), x.shape),
-      params)
-  coarse = strided.apply(params, images)
-  fine = dilated.apply(params, images)
+  shapes = jax.eval_shape(strided.init, jax.random.key(1), images)
+  assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(
+      jnp.shape, jax.eval_shape(dilated.init, jax.random.key(1), images))
+  # Drawn in numpy, not by `init` (compiling a ResNet's init and drawing
+  # leaf by leaf eagerly took most of this test's 50 s): scaled conv
+  # kernels and non-trivial frozen batch norms, so every norm is exercised.
+  rng = np.random.default_rng(1)
+
+  def draw(path, leaf):
+    name = jax.tree_util.keystr(path[-1:])
+    if leaf.ndim == 4:
+      return rng.normal(0, (2 / np.prod(leaf.shape[:-1])) ** 0.5, leaf.shape)
+    if "'scale'" in name or "'var'" in name:
+      return rng.uniform(0.5, 1.5, leaf.shape)
+    return rng.normal(0, 0.1, leaf.shape)
+
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: jnp.asarray(draw(path, leaf), jnp.float32), shapes)
+  coarse, fine = jax.jit(lambda p, x: (strided.apply(p, x),
+                                       dilated.apply(p, x)))(params, images)
   assert coarse.shape == (2, 2, 3, 128) and fine.shape == (2, 4, 6, 128)
   assert strided.stride == 32 and dilated.stride == 16
   np.testing.assert_allclose(fine[:, ::2, ::2], coarse, rtol=1e-5,
@@ -502,6 +513,7 @@ def test_dc5_dilates_the_last_stage_as_torchvision():
   plain = jax.eval_shape(lambda rng: detr.init_variables(
       dc5.clone(dilation=False), rng), jax.random.key(0))
   assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, plain)
+
 
 def _tiny_transformer(**kwargs):
   kwargs = dict(dict(enc_layers=2, dec_layers=2), **kwargs)

@@ -84,10 +84,13 @@ def test_every_impl_equals_naive(method, ratio, target, shared, seed, bare):
   x, table = _random_case(seed, target, nb, 1 if shared else H)
   cotangent = jax.random.normal(jax.random.key(seed + 1),
                                 (B, H, L, D if target == 'v' else L))
-  ref_y, ref_grads = _value_and_grads('naive', target, x, table, ids,
-                                      cotangent)
-  for impl in FAST_IMPLS:
-    y, grads = _value_and_grads(impl, target, x, table, ids, cotangent)
+  # One compile per example: eagerly, each op of each impl compiled on its
+  # own.
+  results = jax.jit(lambda x, table, cotangent: [
+      _value_and_grads(impl, target, x, table, ids, cotangent)
+      for impl in ('naive',) + FAST_IMPLS])(x, table, cotangent)
+  (ref_y, ref_grads), fast = results[0], results[1:]
+  for impl, (y, grads) in zip(FAST_IMPLS, fast):
     _assert_close_to_scale(y, ref_y, impl)
     for g, ref in zip(grads, ref_grads):
       _assert_close_to_scale(g, ref, impl)
@@ -310,13 +313,18 @@ def test_scatter_matches_numpy_on_any_grid(method, ratio, grid, skip, seed):
     np.add.at(expected[:, i], (slice(None), ids[i]), a[:, i])
   # The transposed scatter reads a[.., i, j] as the pair (j, i).
   a_swapped = np.ascontiguousarray(np.swapaxes(a, -1, -2))
-  for impl in FAST_IMPLS:
-    for given_ids in (geometry, ids):
-      for x_tokens_last, values in ((False, a), (True, a_swapped)):
-        np.testing.assert_allclose(
-            ops.bucket_scatter(jnp.asarray(values), given_ids, nb, impl,
-                               x_tokens_last),
-            expected, rtol=1e-5, atol=1e-5, err_msg=f'{impl} {x_tokens_last}')
+  variants = [(impl, given_ids, x_tokens_last)
+              for impl in FAST_IMPLS for given_ids in (geometry, ids)
+              for x_tokens_last in (False, True)]
+  # One compile per example: eagerly, each op of each variant compiled on
+  # its own.
+  scatters = jax.jit(lambda a, a_swapped: [
+      ops.bucket_scatter(a_swapped if x_tokens_last else a, given_ids, nb,
+                         impl, x_tokens_last)
+      for impl, given_ids, x_tokens_last in variants])(a, a_swapped)
+  for (impl, _, x_tokens_last), got in zip(variants, scatters):
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5,
+                               err_msg=f'{impl} {x_tokens_last}')
 
 
 def _lowered_text(impl, target, ids, nb):

@@ -224,10 +224,14 @@ def test_auto_takes_the_kernels_only_where_listed_and_they_take_the_case(
   monkeypatch.setattr(attention_lib, 'AUTO_BLOCKWISE_MIN_LENGTH', {'cpu': 1})
   x = _x(side=3)
   _, module = _modules('auto', dropout_rate=0.5)
-  variables = module.init(jax.random.key(0), x, height=3, width=3)
-  run = lambda mask=None, train=False: module.apply(
-      variables, x, height=3, width=3, mask=mask, deterministic=not train,
-      rngs={'dropout': jax.random.key(1)})
+  # Traced only: the choice is made at trace time, and the kernels' own
+  # tests run them.
+  variables = jax.eval_shape(
+      lambda: module.init(jax.random.key(0), x, height=3, width=3))
+  run = lambda mask=None, train=False: jax.eval_shape(
+      lambda variables: module.apply(
+          variables, x, height=3, width=3, mask=mask, deterministic=not train,
+          rngs={'dropout': jax.random.key(1)}), variables)
   calls.clear()
   run()
   assert calls == ['blockwise_attention']  # No platform is listed yet.
