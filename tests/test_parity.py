@@ -37,11 +37,12 @@ def _module_for(case, impl):
   return rpe_q or rpe_k or rpe_v
 
 
-@pytest.mark.parametrize('case,arrays', MODULE_CASES,
-                         ids=[c['key'] for c, _ in MODULE_CASES])
-def test_module_matches_release(case, arrays):
-  n = next(i for i, (c, _) in enumerate(MODULE_CASES) if c is case)
-  impls = ('auto', OTHER_IMPLS[n % len(OTHER_IMPLS)])
+@pytest.mark.parametrize(
+    'case,arrays,impls',
+    [(c, a, ('auto', OTHER_IMPLS[n % len(OTHER_IMPLS)]))
+     for n, (c, a) in enumerate(MODULE_CASES)],
+    ids=[c['key'] for c, _ in MODULE_CASES])
+def test_module_matches_release(case, arrays, impls):
   modules = [_module_for(case, impl) for impl in impls]
   params = golden.nest({n: jnp.asarray(arrays[f'param/{n}'])
                         for n in case['params']})
@@ -51,14 +52,16 @@ def test_module_matches_release(case, arrays):
             jax.random.key(0), x, case['height'], case['width']),
         arrays['x'])['params']) == jax.tree.map(jnp.shape, params)
 
-  def loss(module, params, x):
+  def loss(module, params, x, cotangent):
     y = module.apply({'params': params}, x, case['height'], case['width'])
-    return jnp.sum(y * arrays['cotangent']), y
+    return jnp.sum(y * cotangent), y
 
-  # Both impls in one compile (op by op, each case took most of a second).
-  results = jax.jit(lambda params, x: [jax.value_and_grad(
-      functools.partial(loss, module), argnums=(0, 1), has_aux=True)(
-          params, x) for module in modules])(params, jnp.asarray(arrays['x']))
+  # Both impls in one compile (op by op, each case took most of a second);
+  # the cotangent an argument, not a constant XLA could fold the backward on.
+  results = jax.jit(lambda *args: [jax.value_and_grad(
+      functools.partial(loss, module), argnums=(0, 1), has_aux=True)(*args)
+                                   for module in modules])(
+      params, jnp.asarray(arrays['x']), jnp.asarray(arrays['cotangent']))
   for impl, ((_, y), (grad_params, grad_x)) in zip(impls, results):
     golden.assert_close(y, arrays['y'], RTOL, f'{impl} y')
     golden.assert_close(grad_x, arrays['grad_x'], RTOL, f'{impl} grad_x')
@@ -94,13 +97,14 @@ def test_attention_matches_release(case, arrays):
   params = torch_attention_params(
       {n: arrays[f'param/{n}'] for n in case['params']})
 
-  def loss(params, x):
+  def loss(params, x, cotangent):
     y = module.apply({'params': params}, x, height=case['height'],
                      width=case['width'])
-    return jnp.sum(y * arrays['cotangent']), y
+    return jnp.sum(y * cotangent), y
 
   (_, y), (grads, grad_x) = jax.jit(jax.value_and_grad(
-      loss, argnums=(0, 1), has_aux=True))(params, jnp.asarray(arrays['x']))
+      loss, argnums=(0, 1), has_aux=True))(
+          params, jnp.asarray(arrays['x']), jnp.asarray(arrays['cotangent']))
   golden.assert_close(y, arrays['y'], RTOL, 'y')
   golden.assert_close(grad_x, arrays['grad_x'], RTOL, 'grad_x')
   _assert_grads(grads, arrays, case['params'])
@@ -121,14 +125,15 @@ def test_detr_attention_matches_release(case, arrays):
   # The release's mask marks padding with True; ours marks keys to attend.
   mask = ~jnp.asarray(arrays['key_padding_mask'])[:, None, None, :]
 
-  def loss(params, src):
+  def loss(params, src, cotangent):
     y = module.apply({'params': params}, src + pos, src + pos, src,
                      height=case['height'], width=case['width'], mask=mask)
-    return jnp.sum(y * batch_first(arrays['cotangent'])), y
+    return jnp.sum(y * cotangent), y
 
   (_, y), (grads, grad_src) = jax.jit(jax.value_and_grad(
       loss, argnums=(0, 1), has_aux=True))(
-          params, batch_first(arrays['src_LBE']))
+          params, batch_first(arrays['src_LBE']),
+          batch_first(arrays['cotangent']))
   golden.assert_close(y, batch_first(arrays['y_LBE']), RTOL, 'y')
   golden.assert_close(grad_src, batch_first(arrays['grad_src']), RTOL,
                       'grad_src')
